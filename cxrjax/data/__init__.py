@@ -1,0 +1,1 @@
+"""Data layer: metadata -> canonical table -> pair groups -> sharded records -> pipeline."""
