@@ -32,9 +32,10 @@ CHEXPERT_LABELS = (
 )
 LABEL_VALUES = (1.0, 0.0, -1.0)  # plus NaN
 
-# Canonical views. Frontal = PA, AP, AP_SUPINE; lateral = LATERAL (LL/RL/L collapse into it).
-VIEWS = ("PA", "AP", "AP_SUPINE", "LATERAL", "UNKNOWN")
-FRONTAL_VIEWS = ("PA", "AP", "AP_SUPINE")
+# Canonical views. Frontal = PA, AP, AP_SUPINE, FRONTAL (projection not recorded); lateral = LATERAL
+# (LL/RL/L collapse into it).
+VIEWS = ("PA", "AP", "AP_SUPINE", "FRONTAL", "LATERAL", "UNKNOWN")
+FRONTAL_VIEWS = ("PA", "AP", "AP_SUPINE", "FRONTAL")
 LATERALITIES = ("frontal", "lateral", "unknown")
 SPLITS = ("train", "valid", "test")
 
@@ -50,6 +51,9 @@ META_COLUMNS = (
 )
 TAIL_COLUMNS = ("report", "source")  # report: str ('' when absent); source: dataset/institution
 COLUMNS = META_COLUMNS + CHEXPERT_LABELS + TAIL_COLUMNS
+# Adapters may keep dataset-specific columns (e.g. the COVID collection's `finding`) under this prefix;
+# they travel with the table but nothing generic depends on them.
+EXTRA_PREFIX = "extra_"
 
 
 class MetadataError(ValueError):
@@ -98,7 +102,8 @@ def validate_table(table: pd.DataFrame, where: str = "table") -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise MetadataError(f"{where}: missing canonical column(s) {missing}")
-    t = table.loc[:, list(COLUMNS)].reset_index(drop=True).copy()
+    extras = [c for c in table.columns if str(c).startswith(EXTRA_PREFIX)]
+    t = table.loc[:, list(COLUMNS) + extras].reset_index(drop=True).copy()
     for c in ("image_id", "path", "patient_id", "study_id", "view", "laterality", "split", "report", "source"):
         t[c] = t[c].fillna("").astype(str).astype(object)
     t["study_order"] = pd.to_numeric(t["study_order"], errors="coerce").fillna(-1).astype(np.int64)
