@@ -1,0 +1,111 @@
+"""Image files -> grayscale arrays at the prepared size -> PNG bytes.
+
+Radiographs arrive as JPEG/PNG (8- or 16-bit; grayscale, RGB, RGBA, palette) or DICOM. Everything
+becomes one 2-D grayscale array (uint8, or uint16 when a 16-bit record set is asked for), is fitted
+to a square of the prepared size, and stored as PNG (lossless, decodable without TensorFlow).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FIT_MODES = ("pad", "crop")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why (the caller adds the path)."""
+
+
+def _to_gray(im: Image.Image, bit_depth: int) -> np.ndarray:
+    """Any PIL mode -> 2-D array of the requested depth (alpha composited on black)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im).astype(np.int64)
+        if a.ndim != 2:
+            raise ImageError(f"unexpected {im.mode} image with shape {a.shape}")
+        # 16-bit PNGs from CXR datasets use the full 16-bit range or a 12-bit subset; rescale
+        # by the container's range, not by the data (the data range would undo exposure).
+        top = 65535 if a.max(initial=0) > 4095 else 4095
+        a = np.clip(a, 0, top)
+        return (a * 65535 // top).astype(np.uint16) if bit_depth == 16 else (a * 255 // top).astype(np.uint8)
+    if im.mode == "F":
+        a = np.asarray(im, np.float64)
+        lo, hi = np.nanmin(a), np.nanmax(a)
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return (a * (65535 if bit_depth == 16 else 255)).round().astype(np.uint16 if bit_depth == 16 else np.uint8)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    a = np.asarray(im.convert("L"))
+    return a.astype(np.uint16) * 257 if bit_depth == 16 else a
+
+
+def load_image(path: str | Path, bit_depth: int = 8) -> np.ndarray:
+    """Read an image file (JPEG/PNG/... or DICOM) as a 2-D uint8 (or uint16) grayscale array."""
+    path = Path(path)
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if not path.is_file():
+        raise ImageError("file not found")
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        from cxrjax.data import dicom  # pydicom is only imported for DICOM sources
+
+        return dicom.read_dicom(path, bit_depth=bit_depth)
+    try:
+        with Image.open(path) as im:
+            im.draft("L", (1 << 30, 1 << 30))  # JPEG: decode straight to grayscale (no RGB pass)
+            a = _to_gray(im, bit_depth)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode image: {e}") from e
+    if a.ndim != 2 or min(a.shape) < 8:
+        raise ImageError(f"not a usable 2-D image (shape {a.shape})")
+    return a
+
+
+def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Fit to a size x size square keeping the aspect ratio.
+
+    pad: scale the longer side to `size` and pad the shorter one symmetrically with black (nothing
+         of the anatomy is lost; the default).
+    crop: scale the shorter side to `size` and cut the centre (what torchvision's Resize+CenterCrop does).
+    """
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit mode must be one of {FIT_MODES}, got {mode!r}")
+    h, w = image.shape
+    scale = size / max(h, w) if mode == "pad" else size / min(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    wide = image.dtype == np.uint16
+    if (nh, nw) != (h, w):
+        # Pillow resizes 16-bit data in 32-bit 'I' mode; go there and back.
+        im = Image.fromarray(image.astype(np.int32)) if wide else Image.fromarray(image)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0 if scale < 0.5 else None)
+        resized = np.clip(np.asarray(im), 0, 65535).astype(np.uint16) if wide else np.asarray(im)
+    else:
+        resized = image
+    out = np.zeros((size, size), image.dtype)
+    if mode == "pad":
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out[top : top + nh, left : left + nw] = resized
+    else:
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out[:] = resized[top : top + size, left : left + size]
+    return out
+
+
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """Lossless PNG; level 1 encodes ~4x faster than the default 6 for ~15% more bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> 2-D array (uint8 or uint16)."""
+    with Image.open(io.BytesIO(data)) as im:
+        a = np.asarray(im)
+    return a.astype(np.uint16) if a.dtype.kind in "iu" and a.dtype.itemsize > 1 else a

@@ -1,0 +1,307 @@
+"""Sharded ArrayRecord files of prepared images: one record format, and it is a TFDS dataset.
+
+Each record is a `tfds.features.FeaturesDict`-serialized example (PNG image + the canonical metadata),
+written by our own parallel workers, and the folder gets TFDS's `dataset_info.json`/`features.json`,
+so the same files are read by the Grain pipeline and by `tfds.data_source(name, data_dir=...)` in a
+notebook — without TensorFlow. Layout under the prepare output dir `OUT`:
+
+    OUT/<name>/1.0.0/<name>-<split>.array_record-00000-of-00004   (+ dataset_info.json, features.json)
+    OUT/_progress/<split>-00000-of-00004.json                      (one per finished shard)
+
+A shard is written to a temporary file and renamed when complete; its progress file records which
+images it holds and which failed. A re-run with the same plan skips finished shards, so an
+interrupted prepare resumes and a repeated one duplicates nothing.
+
+Records are in table order within each split; images that fail to load are left out, listed with
+their reason, and the surviving rows get a `record` column: their index in their split's data source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.data import images, schema
+
+RECORD_VERSION = "1.0.0"
+FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+TEXT_FEATURES = ("image_id", "patient_id", "study_id", "view", "laterality", "report", "source")
+
+
+def record_features(bit_depth: int = 8):
+    """The TFDS features of one record (what `tfds.data_source(...)[i]` returns)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(
+                shape=(None, None, 1), dtype=np.uint16 if bit_depth == 16 else np.uint8, encoding_format="png"
+            ),
+            **{name: tfds.features.Text() for name in TEXT_FEATURES},
+            "study_order": np.int64,
+            # The 14 CheXpert observations in schema.CHEXPERT_LABELS order: 1, 0, -1 or NaN (blank).
+            "labels": tfds.features.Tensor(shape=(len(schema.CHEXPERT_LABELS),), dtype=np.float32),
+        }
+    )
+
+
+# --- where the pixels come from -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FileImages:
+    """Images read from files under `root` (row['path'] is relative to it)."""
+
+    root: str
+    bit_depth: int = 8
+
+    def __call__(self, row: dict, size: int, fit: str) -> np.ndarray:
+        return images.fit_image(images.load_image(Path(self.root) / row["path"], self.bit_depth), size, fit)
+
+    def describe(self) -> str:
+        return f"files:{Path(self.root).resolve()}:{self.bit_depth}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomImages:
+    """Images rendered by the phantom generator from the row itself (no files)."""
+
+    def __call__(self, row: dict, size: int, fit: str) -> np.ndarray:
+        from cxrjax.data import phantom
+
+        return phantom.render_image(row, size=size)
+
+    def describe(self) -> str:
+        return "phantom"
+
+
+# --- the shard plan -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShardTask:
+    split: str
+    index: int
+    count: int
+    rows: list  # table rows (dicts) in table order
+    fingerprint: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.split}-{self.index:05d}-of-{self.count:05d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteSettings:
+    out: str
+    name: str
+    size: int
+    fit: str
+    bit_depth: int
+    compress_level: int
+    image_source: Callable
+
+    @property
+    def records_dir(self) -> Path:
+        return Path(self.out) / self.name / RECORD_VERSION
+
+    def shard_path(self, task: ShardTask) -> Path:
+        return self.records_dir / f"{self.name}-{task.split}.array_record-{task.index:05d}-of-{task.count:05d}"
+
+    def progress_path(self, task: ShardTask) -> Path:
+        return Path(self.out) / "_progress" / f"{task.tag}.json"
+
+
+def plan_shards(table: pd.DataFrame, settings: WriteSettings, shard_size: int) -> list[ShardTask]:
+    """Cut each split (in table order) into shards of at most `shard_size` images."""
+    source = settings.image_source.describe()
+    tasks = []
+    for split in schema.SPLITS:
+        part = table[table["split"] == split]
+        count = -(-len(part) // shard_size)
+        for index in range(count):
+            rows = part.iloc[index * shard_size : (index + 1) * shard_size].to_dict("records")
+            key = json.dumps(
+                [RECORD_VERSION, source, settings.size, settings.fit, settings.bit_depth, settings.compress_level,
+                 [r["image_id"] for r in rows], [r["split"] for r in rows]]
+            )
+            tasks.append(ShardTask(split, index, count, rows, hashlib.sha256(key.encode()).hexdigest()))
+    return tasks
+
+
+_FEATURES_CACHE: dict = {}
+
+
+def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
+    """Write one shard (atomically) and its progress file; returns the progress record."""
+    from array_record.python import array_record_module
+
+    features = _FEATURES_CACHE.get(settings.bit_depth)
+    if features is None:
+        features = _FEATURES_CACHE[settings.bit_depth] = record_features(settings.bit_depth)
+    final = settings.shard_path(task)
+    tmp = final.with_name(final.name + ".tmp")
+    ok, failed = [], []
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+        for row in task.rows:
+            try:
+                image = settings.image_source(row, settings.size, settings.fit)
+                example = {
+                    **{name: str(row[name]) for name in TEXT_FEATURES},
+                    # Already-encoded PNG bytes: TFDS stores them as they are (no TF, our compression level).
+                    "image": images.encode_png(image, settings.compress_level),
+                    "study_order": int(row["study_order"]),
+                    "labels": np.asarray([row[c] for c in schema.CHEXPERT_LABELS], np.float32),
+                }
+                writer.write(features.serialize_example(example))
+                ok.append(row["image_id"])
+            except Exception as e:  # one bad image must not end a run of hours: list it and go on
+                failed.append({"image_id": row["image_id"], "path": row["path"], "reason": f"{type(e).__name__}: {e}"})
+    finally:
+        writer.close()
+    os.replace(tmp, final)
+    progress = {"fingerprint": task.fingerprint, "ok": ok, "failed": failed}
+    ppath = settings.progress_path(task)
+    ppath.write_text(json.dumps(progress))
+    return progress
+
+
+def _write_shard_star(args) -> tuple[str, dict]:
+    task, settings = args
+    return task.tag, write_shard(task, settings)
+
+
+def _finished(task: ShardTask, settings: WriteSettings) -> dict | None:
+    """The progress record of a shard finished by an earlier run with the same plan, else None."""
+    ppath = settings.progress_path(task)
+    if not (ppath.is_file() and settings.shard_path(task).is_file()):
+        return None
+    try:
+        progress = json.loads(ppath.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return progress if progress.get("fingerprint") == task.fingerprint else None
+
+
+@dataclasses.dataclass
+class RecordsResult:
+    table: pd.DataFrame  # rows whose image was written, with `record` (index within its split)
+    failed: list  # dicts image_id, path, reason
+    shard_lengths: dict  # split -> [records per shard]
+    written: int  # shards written by this run (the rest were already done)
+
+
+def write_records(
+    table: pd.DataFrame,
+    settings: WriteSettings,
+    *,
+    shard_size: int = 1024,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> RecordsResult:
+    """Write all splits of `table` as sharded records; parallel over shards, resumable, idempotent.
+
+    `workers=0` uses every core; 1 writes in this process. `progress(n)` is called with the number of
+    images each finished shard covered.
+    """
+    settings.records_dir.mkdir(parents=True, exist_ok=True)
+    (Path(settings.out) / "_progress").mkdir(parents=True, exist_ok=True)
+    tasks = plan_shards(table, settings, shard_size)
+    _remove_stale_shards(settings, tasks)
+    results: dict[str, dict] = {}
+    todo = []
+    for task in tasks:
+        done = _finished(task, settings)
+        if done is None:
+            todo.append(task)
+        else:
+            results[task.tag] = done
+            if progress:
+                progress(len(task.rows))
+    workers = workers or os.cpu_count() or 1
+    if todo:
+        if workers == 1 or len(todo) == 1:
+            completed: Iterable = (_write_shard_star((t, settings)) for t in todo)
+            for tag, record in completed:
+                results[tag] = record
+                if progress:
+                    progress(len(record["ok"]) + len(record["failed"]))
+        else:
+            # spawn: workers must not inherit a parent that may hold JAX/XLA threads.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo))) as pool:
+                for tag, record in pool.imap_unordered(_write_shard_star, [(t, settings) for t in todo]):
+                    results[tag] = record
+                    if progress:
+                        progress(len(record["ok"]) + len(record["failed"]))
+
+    failed, shard_lengths, keep = [], {}, []
+    for task in tasks:
+        record = results[task.tag]
+        shard_lengths.setdefault(task.split, []).append(len(record["ok"]))
+        failed.extend(record["failed"])
+        keep.extend(record["ok"])
+    _write_tfds_metadata(settings, shard_lengths)
+    out = table.set_index("image_id", drop=False).loc[keep].reset_index(drop=True)
+    out["record"] = out.groupby("split", sort=False).cumcount().astype(np.int64)
+    return RecordsResult(out, failed, shard_lengths, written=len(todo))
+
+
+def _remove_stale_shards(settings: WriteSettings, tasks: list[ShardTask]) -> None:
+    """Shard files of an earlier plan (other shard count, or a split now empty) would be read as data."""
+    planned = {settings.shard_path(t).name for t in tasks}
+    for f in settings.records_dir.glob(f"{settings.name}-*.array_record-*"):
+        if f.name not in planned:
+            f.unlink()
+    for f in (Path(settings.out) / "_progress").glob("*.json"):
+        if f.stem not in {t.tag for t in tasks}:
+            f.unlink()
+
+
+def _write_tfds_metadata(settings: WriteSettings, shard_lengths: dict) -> None:
+    import tensorflow_datasets as tfds
+
+    split_infos = []
+    for split, lengths in shard_lengths.items():
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=settings.records_dir, template=FILENAME_TEMPLATE, dataset_name=settings.name,
+            split=split, filetype_suffix="array_record",
+        )
+        num_bytes = sum(
+            settings.shard_path(ShardTask(split, i, len(lengths), [], "")).stat().st_size for i in range(len(lengths))
+        )
+        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
+                                               filename_template=template))
+    tfds.folder_dataset.write_metadata(
+        data_dir=settings.records_dir,
+        features=record_features(settings.bit_depth),
+        split_infos=split_infos,
+        filename_template=FILENAME_TEMPLATE,
+        description=(
+            f"Chest radiographs prepared by cxrjax at {settings.size}x{settings.size} ({settings.fit}), "
+            f"{settings.bit_depth}-bit PNG, with the canonical metadata. Join with table.parquet on image_id."
+        ),
+        check_data=False,
+    )
+
+
+def open_split(out: str | Path, name: str, split: str):
+    """The TFDS data source of one split (random access, numpy examples, no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(str(Path(out) / name / RECORD_VERSION)).as_data_source(split=split)
+
+
+def shard_files(out: str | Path, name: str, split: str) -> list[str]:
+    """The ArrayRecord files of one split, in record order (for grain.sources.ArrayRecordDataSource)."""
+    files = sorted((Path(out) / name / RECORD_VERSION).glob(f"{name}-{split}.array_record-*-of-*"))
+    return [str(f) for f in files if not f.name.endswith(".tmp")]
