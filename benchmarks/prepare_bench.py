@@ -1,0 +1,105 @@
+"""Prepare throughput: records written per second, and seconds to build the pair indexes at CheXpert scale.
+
+    python benchmarks/prepare_bench.py [--images=2000] [--size=256] [--workers=0]
+
+(a) Record writing: the phantom generator renders --images images, and cxrjax writes them as sharded
+    ArrayRecord/TFDS records with all cores. Rendering is part of the measured time, so the figure is
+    a lower bound on file-based sources: decode+resize+PNG+serialize is also measured alone on the
+    real COVID-19 images when ../shared/data is present.
+(b) Pair index: every MedAug strategy on a 224k-row CheXpert-shaped table. The real CheXpert train.csv
+    (223,414 rows) is used from ../shared/data/metadata when present; otherwise a synthetic table with
+    the same patient/study/view size distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def bench_records(n_images: int, size: int, workers: int) -> None:
+    from cxrjax import prepare
+
+    patients = max(1, n_images // 3)  # the phantom makes ~3 images per patient
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        m = prepare.prepare_dataset("phantom", d, patients=patients, size=size, workers=workers, strategies=["instance"])
+        dt = time.perf_counter() - t
+        n = m["counts"]["images"]
+        print(f"records  phantom  {n} images at {size}px, workers={workers or os.cpu_count()}: "
+              f"{m['timings']['records_s']:.1f} s -> {n / m['timings']['records_s']:.0f} images/s "
+              f"(whole prepare {dt:.1f} s, {m['records']['bytes'] / n / 1024:.1f} KiB/image)")
+        if (SHARED / "covid-chestxray").is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            m = prepare.prepare_dataset("shared", d, src=SHARED, size=size, workers=workers, strategies=["instance"])
+            n = m["counts"]["images"]
+            print(f"records  shared   {n} real JPEG/PNG files at {size}px, workers={workers or os.cpu_count()}: "
+                  f"{m['timings']['records_s']:.1f} s -> {n / m['timings']['records_s']:.0f} images/s")
+
+
+def chexpert_shaped_table():
+    import pandas as pd
+
+    from cxrjax.data import metadata, schema
+
+    real = SHARED / "metadata" / "chexpert_train.csv.gz"
+    if real.is_file():
+        t = time.perf_counter()
+        table = metadata.load_chexpert_csv(real).table
+        print(f"table    real CheXpert train.csv: {len(table)} rows loaded in {time.perf_counter() - t:.1f} s")
+        return table
+    rng = np.random.default_rng(0)  # ~65k patients, 1-12 studies, 1-2 views: CheXpert's shape
+    patients = 65_000
+    studies = rng.geometric(0.45, patients).clip(1, 40)
+    rows = []
+    for p, ns in enumerate(studies):
+        for s in range(ns):
+            for v in range(1 + (rng.random() < 0.2)):
+                rows.append((f"patient{p:05d}", f"patient{p:05d}/study{s + 1}", s, "LATERAL" if v else "AP"))
+    df = pd.DataFrame(rows, columns=["patient_id", "study_id", "study_order", "view"])
+    df["image_id"] = df["study_id"] + "/view" + df.groupby("study_id").cumcount().astype(str)
+    df["laterality"] = schema.laterality_of(df["view"])
+    print(f"table    synthetic CheXpert-shaped: {len(df)} rows")
+    return df
+
+
+def bench_pairs() -> None:
+    from cxrjax.data import pairs
+
+    table = chexpert_shaped_table()
+    total = 0.0
+    for name in list(pairs.STRATEGIES) + [f"hard-{k}" for k in pairs.HARD_NEGATIVES]:
+        t = time.perf_counter()
+        if name.startswith("hard-"):
+            index = pairs.build_hard_negative_index(table, name[5:])
+        else:
+            index = pairs.build_pair_index(table, name)
+        dt = time.perf_counter() - t
+        total += dt
+        s = pairs.group_size_stats(index)
+        print(f"pairs    {name:32s} {dt:6.2f} s  mean group {s['group_size_mean']:5.2f}  fallback {s['frac_fallback']:6.1%}")
+    print(f"pairs    all {len(pairs.STRATEGIES) + len(pairs.HARD_NEGATIVES)} indexes on {len(table)} rows: {total:.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--skip_records", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_records:
+        bench_records(args.images, args.size, args.workers)
+    bench_pairs()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+r"""Prepare a dataset for training: canonical table, sharded records, pair-group indexes, manifest.
+
+    python -m cxrjax.prepare --source=phantom --out=data/phantom                     # built-in synthetic data
+    python -m cxrjax.prepare --source=shared --src=../shared/data --out=data/shared  # COVID-19 collection + NIH subset
+    python -m cxrjax.prepare --source=chexpert --src=/data/chexpert --out=data/chexpert --size=320
+    python -m cxrjax.prepare --source=chexpert --src=/data/chexpert --out=OUT --pairs_only   # metadata only
+    python -m cxrjax.prepare --source=csv --src=my.csv --csv_mapping=path=File,patient_id=PID --out=OUT
+
+Writes into --out:
+    table.parquet            the canonical table (one row per image) + `record` (index in its split's records)
+    <name>/1.0.0/            a TFDS dataset of ArrayRecord shards (tfds.data_source(name, data_dir=OUT) reads it)
+    pairs/<strategy>.npz     MedAug pair groups (CSR over table rows), pairs/hard-<kind>.npz hard negatives
+    reports.parquet          unpaired report text (with --reports)
+    manifest.json            counts per split/view/label, bad inputs with path and reason, group-size statistics
+
+Images are fitted to --size x --size keeping the aspect ratio: by default the longer side is scaled to
+--size and the shorter one padded with black (--fit=pad, nothing of the anatomy is lost);
+--fit=crop scales the shorter side and cuts the centre. Re-running with the same settings resumes an
+interrupted run and never duplicates records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import cxrjax
+from cxrjax.data import images, pairs, records, schema
+
+SOURCES = ("phantom", "chexpert", "mimic", "nih", "shared", "covid", "dicom", "csv")
+
+
+def _table_and_bad(source: str, src, *, patients: int, seed: int, csv_mapping: str | None, image_ext: str):
+    """(table, bad inputs, image root) from a dataset's own files, or the phantom generator."""
+    if source == "phantom":
+        from cxrjax.data import phantom
+
+        return phantom.make_table(patients, seed=seed), [], None
+    if src is None:
+        raise schema.MetadataError(f"--src is required for --source={source} (the dataset's folder or file)")
+    from cxrjax.data import metadata
+
+    options = {}
+    if source == "csv":
+        if not csv_mapping:
+            raise schema.MetadataError(
+                "--source=csv needs --csv_mapping, e.g. path=File,patient_id=PatientID[,study_id=...,view=...]"
+            )
+        options["mapping"] = csv_mapping
+    if source == "mimic":
+        options["image_ext"] = image_ext
+    result = metadata.load_source(source, src, **options)
+    root = result.root if result.root is not None else (Path(src) if Path(src).is_dir() else Path(src).parent)
+    return result.table, list(result.bad), root
+
+
+def _label_counts(table: pd.DataFrame) -> dict:
+    out = {}
+    for c in schema.CHEXPERT_LABELS:
+        v = table[c]
+        out[c] = {"positive": int((v == 1).sum()), "negative": int((v == 0).sum()),
+                  "uncertain": int((v == -1).sum()), "blank": int(v.isna().sum())}
+    return out
+
+
+def _counts(table: pd.DataFrame) -> dict:
+    by_split = {}
+    for split, part in table.groupby("split", sort=False):
+        by_split[split] = {
+            "images": len(part), "patients": int(part["patient_id"].nunique()), "studies": int(part["study_id"].nunique()),
+            "views": {k: int(v) for k, v in part["view"].value_counts().items()},
+            "laterality": {k: int(v) for k, v in part["laterality"].value_counts().items()},
+            "with_report": int((part["report"] != "").sum()),
+        }
+    return {"images": len(table), "patients": int(table["patient_id"].nunique()),
+            "studies": int(table["study_id"].nunique()), "splits": by_split, "labels": _label_counts(table)}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def build_pairs(table: pd.DataFrame, out: Path, strategies=None, include_self: bool = False) -> dict:
+    """Pair-group and hard-negative indexes for `table` (row order = table.parquet order) -> stats."""
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name in strategies or pairs.STRATEGIES:
+        t0 = time.perf_counter()
+        index = pairs.build_pair_index(table, name, include_self=include_self)
+        pairs.save_pair_index(out / "pairs" / f"{name}.npz", index)
+        stats[name] = {**pairs.group_size_stats(index), "seconds": round(time.perf_counter() - t0, 3)}
+    for kind in pairs.HARD_NEGATIVES:
+        index = pairs.build_hard_negative_index(table, kind)
+        pairs.save_pair_index(out / "pairs" / f"hard-{kind}.npz", index)
+        stats[f"hard-{kind}"] = pairs.group_size_stats(index)
+    return stats
+
+
+def prepare_dataset(
+    source: str,
+    out,
+    *,
+    src=None,
+    size: int = 256,
+    fit: str = "pad",
+    bit_depth: int = 8,
+    workers: int = 0,
+    shard_size: int = 1024,
+    compress_level: int = 1,
+    name: str | None = None,
+    strategies=None,
+    include_self: bool = False,
+    pairs_only: bool = False,
+    patients: int = 200,
+    seed: int = 0,
+    csv_mapping: str | None = None,
+    image_ext: str = ".jpg",
+    reports=None,
+    progress: bool = False,
+) -> dict:
+    """Run the whole preparation; returns the manifest (also written to OUT/manifest.json)."""
+    if source not in SOURCES:
+        raise schema.MetadataError(f"unknown --source={source!r}; choose one of {', '.join(SOURCES)}")
+    if fit not in images.FIT_MODES:
+        raise ValueError(f"--fit must be one of {images.FIT_MODES}, got {fit!r}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"--bit_depth must be 8 or 16, got {bit_depth}")
+    if strategies:
+        strategies = [pairs.get_strategy(s).name for s in strategies]  # unknown names fail before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = name or source
+    timings = {}
+
+    t0 = time.perf_counter()
+    table, bad, root = _table_and_bad(source, src, patients=patients, seed=seed, csv_mapping=csv_mapping,
+                                      image_ext=image_ext)
+    table = schema.validate_table(table, where=f"--source={source}")
+    timings["metadata_s"] = round(time.perf_counter() - t0, 3)
+    n_input = len(table)
+
+    record_info = None
+    if pairs_only:
+        table = table.assign(record=np.int64(-1))
+    else:
+        image_source = records.PhantomImages() if source == "phantom" else records.FileImages(str(root), bit_depth)
+        settings = records.WriteSettings(str(out), name, size, fit, bit_depth, compress_level, image_source)
+        t0 = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_input, unit="img", desc=f"records -> {out / name}", smoothing=0.1)
+        result = records.write_records(table, settings, shard_size=shard_size, workers=workers,
+                                       progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        table = result.table
+        bad += [{"path": f["path"], "image_id": f["image_id"], "reason": f["reason"]} for f in result.failed]
+        record_info = {
+            "dir": f"{name}/{records.RECORD_VERSION}", "shard_lengths": result.shard_lengths,
+            "shards_written_this_run": result.written, "size": size, "fit": fit, "bit_depth": bit_depth,
+            "compress_level": compress_level,
+            "bytes": int(sum(f.stat().st_size for f in settings.records_dir.glob("*.array_record-*"))),
+        }
+        timings["records_s"] = round(seconds, 3)
+        if result.written:
+            timings["records_images_per_s"] = round(n_input / seconds, 1)
+
+    tmp = out / "table.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "table.parquet")
+
+    t0 = time.perf_counter()
+    pair_stats = build_pairs(table, out, strategies, include_self)
+    timings["pairs_s"] = round(time.perf_counter() - t0, 3)
+
+    n_reports = None
+    if reports:
+        from cxrjax.data import metadata
+
+        report_table = metadata.load_openi_reports(reports)
+        report_table.to_parquet(out / "reports.parquet", index=False)
+        n_reports = len(report_table)
+        bad += list(report_table.attrs.get("bad", []))
+
+    manifest = {
+        "cxrjax_version": cxrjax.__version__,
+        "name": name,
+        "source": source,
+        "src": str(Path(src).resolve()) if src else None,
+        "phantom": {"patients": patients, "seed": seed} if source == "phantom" else None,
+        "pairs_only": pairs_only,
+        "records": record_info,
+        "counts": _counts(table),
+        "input_rows": n_input,
+        "bad_inputs": {"count": len(bad), "items": bad},
+        "pairs": {"include_self": include_self, "strategies": pair_stats},
+        "reports": n_reports,
+        "timings": timings,
+    }
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    """A few lines for the terminal."""
+    c = manifest["counts"]
+    lines = [f"{c['images']} images, {c['patients']} patients, {c['studies']} studies  "
+             + "  ".join(f"{s}={v['images']}" for s, v in c["splits"].items())]
+    if manifest["bad_inputs"]["count"]:
+        first = manifest["bad_inputs"]["items"][0]
+        lines.append(f"{manifest['bad_inputs']['count']} bad input(s) listed in manifest.json "
+                     f"(first: {first['path']}: {first['reason']})")
+    best = manifest["pairs"]["strategies"].get(pairs.BEST_STRATEGY)
+    if best:
+        lines.append(f"{pairs.BEST_STRATEGY}: mean group {best['group_size_mean']:.2f}, "
+                     f"{best['frac_fallback']:.1%} of images have no partner (fall back to themselves)")
+    lines.append("timings: " + ", ".join(f"{k}={v}" for k, v in manifest["timings"].items()))
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    manifest = prepare_dataset(
+        f.source, f.out, src=f.src, size=f.size, fit=f.fit, bit_depth=f.bit_depth, workers=f.workers,
+        shard_size=f.shard_size, compress_level=f.compress_level, name=f.name, strategies=f.strategies,
+        include_self=f.include_self, pairs_only=f.pairs_only, patients=f.patients, seed=f.seed,
+        csv_mapping=f.csv_mapping, image_ext=f.image_ext, reports=f.reports, progress=True,
+    )
+    print(summary(manifest))
+    print(f"wrote {Path(f.out).resolve()}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("source", None, list(SOURCES), "Dataset layout to read (phantom needs no --src).")
+    flags.DEFINE_string("src", None, "Dataset folder (or CSV file for --source=csv).")
+    flags.DEFINE_string("out", None, "Output folder (created; re-running resumes).")
+    flags.DEFINE_integer("size", 256, "Prepared square image size in pixels.")
+    flags.DEFINE_enum("fit", "pad", list(images.FIT_MODES), "pad: keep all anatomy, pad with black; crop: centre crop.")
+    flags.DEFINE_integer("bit_depth", 8, "8- or 16-bit PNG records (16 for DICOM sources).")
+    flags.register_validator("bit_depth", lambda v: v in (8, 16), message="--bit_depth must be 8 or 16")
+    flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = all cores.")
+    flags.DEFINE_integer("shard_size", 1024, "Images per ArrayRecord shard.")
+    flags.DEFINE_integer("compress_level", 1, "PNG compression level 0-9 (1: fast, ~15% larger than 6).")
+    flags.DEFINE_string("name", None, "TFDS dataset name of the records (default: the source name).")
+    flags.DEFINE_list("strategies", None, "Pair strategies to index (default: all). " + ", ".join(pairs.STRATEGIES))
+    flags.DEFINE_bool("include_self", False, "Put each image in its own pair group (MedAug eq. 2 exactly).")
+    flags.DEFINE_bool("pairs_only", False, "Table + pair indexes from metadata alone, no images.")
+    flags.DEFINE_integer("patients", 200, "Phantom: number of synthetic patients.")
+    flags.DEFINE_integer("seed", 0, "Phantom: generator seed.")
+    flags.DEFINE_string("csv_mapping", None, "CSV: canonical=column pairs, e.g. path=File,patient_id=PID.")
+    flags.DEFINE_string("image_ext", ".jpg", "MIMIC: image file extension (.jpg for MIMIC-CXR-JPG, .dcm for DICOM).")
+    flags.DEFINE_string("reports", None, "OpenI NLMCXR_reports.tgz (or folder) -> reports.parquet (unpaired text).")
+    flags.mark_flags_as_required(["source", "out"])
+
+
+def run() -> None:
+    from absl import app
+
+    _define_flags()
+
+    def _main(argv):
+        try:
+            main(argv)
+        except (schema.MetadataError, pairs.PairIndexError) as e:
+            # Bad input is the user's to fix: one clear line, no traceback.
+            raise SystemExit(f"prepare: error: {e}") from None
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    run()
