@@ -152,3 +152,19 @@ def test_real_shared_data(tmp_path, shared_data):
     first = table[table["split"] == "train"].iloc[0]
     assert ex["image_id"].decode() == first["image_id"] and ex["image"].shape == (64, 64, 1)
     np.testing.assert_array_equal(ex["labels"], first[list(schema.CHEXPERT_LABELS)].to_numpy(np.float32))
+
+
+def test_no_tensorflow_needed(tmp_path):
+    """Writing and reading records never imports TensorFlow (TFDS's numpy path only)."""
+    code = (
+        "import sys\n"
+        "from cxrjax import prepare\n"
+        "from cxrjax.data import records\n"
+        f"prepare.prepare_dataset('phantom', r'{tmp_path}', patients=3, size=32, workers=1, strategies=['instance'])\n"
+        f"x = records.open_split(r'{tmp_path}', 'phantom', 'train')[0]\n"
+        "assert x['image'].shape == (32, 32, 1)\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -93,8 +93,9 @@ class ShardTask:
     split: str
     index: int
     count: int
-    rows: list  # table rows (dicts) in table order
+    positions: np.ndarray  # table positions of the shard's rows, in table order
     fingerprint: str
+    rows: list | None = None  # the rows as dicts, filled only while the shard is being dispatched
 
     @property
     def tag(self) -> str:
@@ -126,17 +127,23 @@ def plan_shards(table: pd.DataFrame, settings: WriteSettings, shard_size: int) -
     """Cut each split (in table order) into shards of at most `shard_size` images."""
     source = settings.image_source.describe()
     tasks = []
+    ids = table["image_id"].to_numpy()
     for split in schema.SPLITS:
-        part = table[table["split"] == split]
-        count = -(-len(part) // shard_size)
+        where = np.flatnonzero((table["split"] == split).to_numpy())
+        count = -(-len(where) // shard_size)
         for index in range(count):
-            rows = part.iloc[index * shard_size : (index + 1) * shard_size].to_dict("records")
-            key = json.dumps(
-                [RECORD_VERSION, source, settings.size, settings.fit, settings.bit_depth, settings.compress_level,
-                 [r["image_id"] for r in rows], [r["split"] for r in rows]]
-            )
-            tasks.append(ShardTask(split, index, count, rows, hashlib.sha256(key.encode()).hexdigest()))
+            positions = where[index * shard_size : (index + 1) * shard_size]
+            key = json.dumps([RECORD_VERSION, source, settings.size, settings.fit, settings.bit_depth,
+                              settings.compress_level, split, ids[positions].tolist()])
+            tasks.append(ShardTask(split, index, count, positions, hashlib.sha256(key.encode()).hexdigest()))
     return tasks
+
+
+def _with_rows(tasks: list[ShardTask], table: pd.DataFrame, settings: WriteSettings):
+    """Yield (task, settings) with the task's rows materialised just in time (constant memory: the
+    pool's feeder blocks on its pipe, so only the shards in flight are held as dicts)."""
+    for task in tasks:
+        yield dataclasses.replace(task, rows=table.iloc[task.positions].to_dict("records")), settings
 
 
 class _Serializer:
@@ -247,11 +254,11 @@ def write_records(
         else:
             results[task.tag] = done
             if progress:
-                progress(len(task.rows))
+                progress(len(task.positions))
     workers = workers or os.cpu_count() or 1
     if todo:
         if workers == 1 or len(todo) == 1:
-            completed: Iterable = (_write_shard_star((t, settings)) for t in todo)
+            completed: Iterable = (_write_shard_star(args) for args in _with_rows(todo, table, settings))
             for tag, record in completed:
                 results[tag] = record
                 if progress:
@@ -260,7 +267,7 @@ def write_records(
             # spawn: workers must not inherit a parent that may hold JAX/XLA threads.
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(min(workers, len(todo))) as pool:
-                for tag, record in pool.imap_unordered(_write_shard_star, [(t, settings) for t in todo]):
+                for tag, record in pool.imap_unordered(_write_shard_star, _with_rows(todo, table, settings)):
                     results[tag] = record
                     if progress:
                         progress(len(record["ok"]) + len(record["failed"]))
