@@ -74,9 +74,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], *, in_channels: int = 3) ->
             out[f"{name}.kernel"] = kernel
         elif value.ndim == 2 and leaf == "weight":  # linear: (out, in) -> (in, out)
             out[f"{name}.kernel"] = value.T
-        elif leaf in _BN_RENAME and not (name.startswith("fc") and leaf == "bias"):
-            out[f"{name}.{_BN_RENAME[leaf]}"] = value
-        elif leaf == "bias":
+        elif leaf in ("running_mean", "running_var") or (leaf == "weight" and value.ndim == 1):
+            out[f"{name}.{_BN_RENAME[leaf]}"] = value  # batch norm
+        elif leaf == "bias":  # batch norm or linear: same name
             out[f"{name}.bias"] = value
         else:
             raise WeightImportError(f"do not know how to convert {key!r} of shape {value.shape}")
@@ -101,15 +101,13 @@ def check_against(expected: Mapping[str, tuple], converted: Mapping[str, np.ndar
 
 
 def _expected_shapes(arch: str, in_channels: int, num_classes: int) -> dict[str, tuple]:
-    import jax
     from flax import nnx
 
     from cxrjax.models.resnet import ResNet, flat_state
 
     abstract = nnx.eval_shape(lambda: ResNet(arch, num_classes=num_classes, in_channels=in_channels,
                                              rngs=nnx.Rngs(0)))
-    return {k: tuple(v.shape) for k, v in flat_state(abstract).items()} if abstract is not None \
-        else jax.tree.map(lambda a: a.shape, {})
+    return {k: tuple(v.shape) for k, v in flat_state(abstract).items()}
 
 
 def import_torchvision(src: str, arch: str = "resnet18", *, in_channels: int = 3) -> dict[str, np.ndarray]:

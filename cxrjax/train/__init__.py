@@ -1,0 +1,1 @@
+"""Training: the jitted steps, checkpoints and metrics of the pre-training jobs."""
