@@ -1,6 +1,8 @@
 """ResNet-18/50 in NNX: shapes, parameter counts, batch norm, and numerical parity with a torch
 reference laid out exactly like torchvision (torchvision itself is not needed), through the importer."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,17 +13,38 @@ from cxrjax.models.resnet import ResNet, flat_state, num_params, resnet18, resne
 from cxrjax.tools import import_torchvision as itv
 
 
+def _fast_init(factory, seed=0):
+    """Build a model abstractly and fill it from numpy (He-normal kernels, BN identity).
+
+    Eager NNX init compiles one PRNG kernel per distinct shape (seconds each on a busy 2-core
+    machine); tests whose claim does not involve the initialiser use this instead.
+    """
+    model = nnx.eval_shape(factory)
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model)
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "kernel":
+            val = rng.normal(size=var.shape) * np.sqrt(2.0 / np.prod(var.shape[:-1]))
+        elif path[-1] in ("scale", "var"):
+            val = np.ones(var.shape)
+        else:
+            val = np.zeros(var.shape)
+        var.set_value(jnp.asarray(val, var.dtype))
+    nnx.update(model, state)
+    return model
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train", "bn_groups"))
+def _apply(graphdef, state, x, train, bn_groups):
+    m = nnx.merge(graphdef, state, copy=True)
+    y = m(x, train=train, bn_groups=bn_groups)
+    return y, nnx.state(m)
+
+
 def _forward(model, x, *, train=False, bn_groups=1):
-    """Jitted functional forward: (output, model with updated batch stats)."""
+    """Jitted functional forward (compiled once per architecture/shape); updates the batch stats."""
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, x):
-        m = nnx.merge(graphdef, state)
-        y = m(x, train=train, bn_groups=bn_groups)
-        return y, nnx.state(m)
-
-    y, new_state = f(state, x)
+    y, new_state = _apply(graphdef, state, x, train, bn_groups)
     nnx.update(model, new_state)
     return y
 
@@ -40,26 +63,34 @@ def test_parameter_counts_match_torchvision():
 
 def test_output_shapes_dtypes_and_channels():
     x1 = jnp.ones((2, 32, 32, 1))
-    m = resnet18(in_channels=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    m = _fast_init(lambda: resnet18(in_channels=1, dtype=jnp.bfloat16, width=8, rngs=nnx.Rngs(0)))
     y = _forward(m, x1, train=True)
-    assert y.shape == (2, 512) and y.dtype == jnp.float32
-    assert m.conv1.kernel.value.dtype == jnp.float32  # fp32 params under bf16 compute
-    m = resnet18(num_classes=7, rngs=nnx.Rngs(0))
+    assert y.shape == (2, 64) and y.dtype == jnp.float32  # 8 * 8 (512 at torchvision width)
+    assert m.conv1.kernel[...].dtype == jnp.float32  # fp32 params under bf16 compute
+    m = _fast_init(lambda: resnet18(num_classes=7, width=8, rngs=nnx.Rngs(0)))
     assert _forward(m, jnp.ones((3, 32, 32, 3))).shape == (3, 7)
     with pytest.raises(ValueError, match="channels"):
         m(jnp.ones((1, 32, 32, 1)), train=False)
+    assert nnx.eval_shape(lambda: resnet18(rngs=nnx.Rngs(0))).feature_dim == 512
     m50 = nnx.eval_shape(lambda: resnet50(rngs=nnx.Rngs(0)))
     assert m50.feature_dim == 2048
+    y50 = jax.eval_shape(lambda x: resnet50(rngs=nnx.Rngs(0))(x, train=True), jnp.ones((2, 64, 64, 3)))
+    assert y50.shape == (2, 2048) and y50.dtype == jnp.float32
 
 
-def test_zero_init_residual():
-    m = resnet18(zero_init_residual=True, rngs=nnx.Rngs(0))
-    assert float(jnp.abs(m.layer1[0].bn2.scale.value).max()) == 0.0
-    assert float(m.bn1.scale.value.min()) == 1.0
+def test_real_init_and_zero_init_residual():
+    # an 'rbg' key: threefry kernels take seconds each to compile on a busy CPU (one per shape)
+    m = resnet18(zero_init_residual=True, width=8, in_channels=1, num_classes=3,
+                 rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    assert float(jnp.abs(m.layer1[0].bn2.scale[...]).max()) == 0.0
+    assert float(m.bn1.scale[...].min()) == 1.0
+    k = np.asarray(m.layer2[0].conv2.kernel[...])  # kaiming normal, fan_out: std sqrt(2 / (9 * 16))
+    assert abs(k.std() / np.sqrt(2 / (9 * 16)) - 1) < 0.1
+    assert abs(np.asarray(m.fc.bias[...])).max() <= 1 / np.sqrt(64)
 
 
 def test_train_mode_updates_batch_stats_and_eval_does_not():
-    m = resnet18(rngs=nnx.Rngs(0))
+    m = _fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 2 + 1
     before = {k: np.asarray(v) for k, v in flat_state(m).items()}
     _forward(m, x, train=False)
@@ -81,7 +112,7 @@ def test_train_mode_updates_batch_stats_and_eval_does_not():
 def test_grouped_batch_norm_equals_separate_batches():
     # 64 px and 4 images a group: layer4 BN still sees 16 values (tiny groups are ill-conditioned)
     x = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
-    m = resnet18(rngs=nnx.Rngs(0))
+    m = _fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
     whole = _forward(nnx.clone(m), x, train=True, bn_groups=2)
     halves = [_forward(nnx.clone(m), x[:4], train=True), _forward(nnx.clone(m), x[4:], train=True)]
     np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-5)
@@ -113,25 +144,26 @@ def test_load_pretrained_round_trip_and_errors(tmp_path):
     for ext in ("npz", "safetensors"):
         path = str(tmp_path / f"w.{ext}")
         itv.save_flat(path, flat)
-        m = resnet18(num_classes=10, rngs=nnx.Rngs(1))
+        m = _fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1)))
         itv.load_pretrained(m, path)
         got = flat_state(m)
         assert set(got) == set(flat)
         assert all(np.array_equal(got[k], flat[k]) for k in flat)
     # a classifier file initialises a feature backbone: fc.* is dropped when the model has no fc
-    m0 = resnet18(rngs=nnx.Rngs(1))
+    m0 = _fast_init(lambda: resnet18(rngs=nnx.Rngs(1)))
     itv.load_pretrained(m0, path)
-    np.testing.assert_array_equal(m0.layer4[1].conv2.kernel.value, flat["layer4.1.conv2.kernel"])
+    np.testing.assert_array_equal(m0.layer4[1].conv2.kernel[...], flat["layer4.1.conv2.kernel"])
     # a 1-channel model and a 3-channel file: clear shape error
     with pytest.raises(itv.WeightImportError, match=r"shape mismatch.*conv1.kernel"):
-        itv.load_pretrained(resnet18(in_channels=1, rngs=nnx.Rngs(1)), path)
+        itv.load_pretrained(_fast_init(lambda: resnet18(in_channels=1, rngs=nnx.Rngs(1))), path)
     bad = dict(flat)
     del bad["layer1.0.bn1.var"]
     bad["layer9.0.conv1.kernel"] = np.zeros(3, np.float32)
     itv.save_flat(str(tmp_path / "bad.npz"), bad)
     with pytest.raises(itv.WeightImportError, match=r"(?s)missing \(1\): layer1.0.bn1.var.*"
                                                     r"unexpected \(1\): layer9.0.conv1.kernel"):
-        itv.load_pretrained(resnet18(num_classes=10, rngs=nnx.Rngs(1)), str(tmp_path / "bad.npz"))
+        itv.load_pretrained(_fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1))),
+                            str(tmp_path / "bad.npz"))
 
 
 def _to_torch_names(flat):
@@ -145,7 +177,8 @@ def _to_torch_names(flat):
             sd[f"{name}.{ {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}[leaf]}"] = v
             if leaf == "mean":
                 sd[f"{name}.num_batches_tracked"] = np.array(7, np.int64)
-    return sd
+    # safetensors.numpy writes a non-contiguous (transposed) array's raw buffer: make it contiguous
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
 def test_importer_cli_safetensors_without_torch(tmp_path, capsys):
@@ -167,7 +200,17 @@ def test_importer_cli_safetensors_without_torch(tmp_path, capsys):
     # wrong architecture: clear error, non-zero exit, the keys are listed
     assert itv.main([src, str(tmp_path / "x.npz"), "--arch", "resnet50"]) == 1
     err = capsys.readouterr().err
-    assert "missing" in err and "layer1.0.conv3.kernel" in err and "unexpected" in err
+    assert "missing (165)" in err and "layer1.0.conv3.kernel" in err and "shape mismatch" in err
+
+
+def test_pth_without_torch_gives_install_hint(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    (tmp_path / "w.pth").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"pip install cxrjax\[torch\]"):
+        itv.read_state_dict(str(tmp_path / "w.pth"))
+    assert itv.main([str(tmp_path / "w.pth"), str(tmp_path / "o.npz")]) == 1
 
 
 def test_one_channel_import_equals_rgb_on_grey_input(tmp_path):
@@ -180,8 +223,8 @@ def test_one_channel_import_equals_rgb_on_grey_input(tmp_path):
     itv.save_flat(str(tmp_path / "rgb.npz"), itv.import_torchvision(str(tmp_path / "tv.safetensors")))
     itv.save_flat(str(tmp_path / "grey.npz"),
                   itv.import_torchvision(str(tmp_path / "tv.safetensors"), in_channels=1))
-    rgb = resnet18(num_classes=5, rngs=nnx.Rngs(0))
-    grey = resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0))
+    rgb = _fast_init(lambda: resnet18(num_classes=5, rngs=nnx.Rngs(0)))
+    grey = _fast_init(lambda: resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0)))
     itv.load_pretrained(rgb, str(tmp_path / "rgb.npz"))
     itv.load_pretrained(grey, str(tmp_path / "grey.npz"))
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
@@ -278,6 +321,8 @@ def _torch_resnet(arch, num_classes):
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 2.0)
                 mod.num_batches_tracked.fill_(100)
+        if arch == "resnet50":  # its pooled features are ~20x larger: keep logits O(1-10)
+            net.fc.weight.mul_(0.1)
     return torch, net
 
 
@@ -296,7 +341,7 @@ def test_parity_with_torch_reference(arch, fmt, tmp_path):
     out = str(tmp_path / "cx.safetensors")
     assert itv.main([src, out, "--arch", arch]) == 0
 
-    model = ResNet(arch, num_classes=10, rngs=nnx.Rngs(0))
+    model = _fast_init(lambda: ResNet(arch, num_classes=10, rngs=nnx.Rngs(0)))
     itv.load_pretrained(model, out)
     x = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
     with torch.no_grad():
@@ -313,7 +358,7 @@ def test_train_mode_parity_with_torch_resnet18(tmp_path):
     src = str(tmp_path / "tv.pth")
     torch.save(net.state_dict(), src)
     itv.save_flat(str(tmp_path / "cx.npz"), itv.import_torchvision(src))
-    model = resnet18(num_classes=10, rngs=nnx.Rngs(0))
+    model = _fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))
     itv.load_pretrained(model, str(tmp_path / "cx.npz"))
     x = np.random.default_rng(1).normal(size=(4, 3, 64, 64)).astype(np.float32)
     net.train()

@@ -29,7 +29,7 @@ from flax import nnx
 Dtype = Any
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every conv.
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # plain normal, as torch
 # torch.nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
 _fc_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -69,14 +69,14 @@ class BatchNorm(nnx.Module):
             var = jnp.square(xg - mean[:, None, :]).mean(axis=1)  # biased, used to normalise
             unbiased = var * (n / max(n - 1, 1))
             d = self.momentum
-            self.mean.value = d * self.mean.value + (1 - d) * jax.lax.stop_gradient(mean.mean(0))
-            self.var.value = d * self.var.value + (1 - d) * jax.lax.stop_gradient(unbiased.mean(0))
-            scale = self.scale.value.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)  # (G, C)
-            shift = self.bias.value.astype(jnp.float32) - mean * scale
+            self.mean[...] = d * self.mean[...] + (1 - d) * jax.lax.stop_gradient(mean.mean(0))
+            self.var[...] = d * self.var[...] + (1 - d) * jax.lax.stop_gradient(unbiased.mean(0))
+            scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)  # (G, C)
+            shift = self.bias[...].astype(jnp.float32) - mean * scale
             y = xg * scale[:, None, :] + shift[:, None, :]
             return y.reshape(x.shape).astype(self.dtype)
-        scale = self.scale.value.astype(jnp.float32) * jax.lax.rsqrt(self.var.value + self.epsilon)
-        shift = self.bias.value.astype(jnp.float32) - self.mean.value * scale
+        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(self.var[...] + self.epsilon)
+        shift = self.bias[...].astype(jnp.float32) - self.mean[...] * scale
         return (xf * scale + shift).astype(self.dtype)
 
 
@@ -154,13 +154,15 @@ _ARCHS: dict[str, tuple[type, Sequence[int]]] = {
 class ResNet(nnx.Module):
     """torchvision-layout ResNet. ``num_classes=0`` returns pooled features (``feature_dim``).
 
+    ``width`` (64 = torchvision) scales every layer; smaller widths are for tests and demos only.
+
     Call as ``model(x, train=..., bn_groups=1)`` with x of shape (B, H, W, in_channels); the output
     is float32 (B, num_classes) or (B, feature_dim).
     """
 
     def __init__(self, arch: str = "resnet18", *, num_classes: int = 0, in_channels: int = 3,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 zero_init_residual: bool = False, rngs: nnx.Rngs):
+                 zero_init_residual: bool = False, width: int = 64, rngs: nnx.Rngs):
         if arch not in _ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
         block, depths = _ARCHS[arch]
@@ -168,10 +170,11 @@ class ResNet(nnx.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.dtype = dtype
-        self.conv1 = _conv(in_channels, 64, 7, 2, rngs, dtype, param_dtype)
-        self.bn1 = BatchNorm(64, dtype=dtype, param_dtype=param_dtype)
-        cin = 64
-        for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+        self.conv1 = _conv(in_channels, width, 7, 2, rngs, dtype, param_dtype)
+        self.bn1 = BatchNorm(width, dtype=dtype, param_dtype=param_dtype)
+        cin = width
+        for i, depth in enumerate(depths):
+            planes = width * 2**i
             blocks = []
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -222,7 +225,7 @@ def resnet50(**kwargs) -> ResNet:
 def flat_state(model: nnx.Module) -> dict[str, jax.Array]:
     """``{"layer1.0.conv1.kernel": array, ...}`` of every Param and BatchStat of ``model``."""
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    return {".".join(str(p) for p in path): v.value for path, v in nnx.to_flat_state(state)}
+    return {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
 
 
 def num_params(model: nnx.Module) -> int:

@@ -1,0 +1,1 @@
+"""Command-line tools (`python -m cxrjax.tools.<name>`): weight import and other one-off utilities."""

@@ -162,10 +162,10 @@ def load_pretrained(model, path: str, *, skip_fc: bool | None = None) -> None:
         flat = {k: v for k, v in flat.items() if not k.startswith("fc.")}
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     variables = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
-    check_against({k: v.value.shape for k, v in variables.items()}, flat,
+    check_against({k: v.shape for k, v in variables.items()}, flat,
                   f"the model ({type(model).__name__}) from {path}")
     for k, var in variables.items():
-        var.value = jnp.asarray(flat[k], dtype=var.value.dtype)
+        var.set_value(jnp.asarray(flat[k], dtype=var.dtype))
     nnx.update(model, state)
 
 
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         flat = import_torchvision(args.src, args.arch, in_channels=args.in_channels)
-    except (WeightImportError, ImportError) as e:
+    except (WeightImportError, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     save_flat(args.out, flat)
