@@ -25,7 +25,10 @@ class IteratorSnapshot:
     """The iterator state as of `save()`: async saving must not read a state the loop has moved past."""
 
     def __init__(self, iterator):
-        self._state = iterator.get_state()
+        state = iterator.get_state()
+        # grain's handler writes a non-DatasetIterator's state as bytes; a dict becomes the same JSON
+        # a DatasetIterator's would, so restoring into the live iterator reads it back as a dict.
+        self._state = json.dumps(state, indent=4).encode() if isinstance(state, dict) else state
 
     def get_state(self):
         return self._state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,12 @@ def _is_primary() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def note(text: str) -> None:
+    """A progress line from process 0 (big_vision's write_note), before the logger exists."""
+    if _is_primary():
+        print(text, flush=True)
 
 
 class MetricLogger:
@@ -38,7 +45,8 @@ class MetricLogger:
         self._jsonl = path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step or None, flush_secs=30)
+        # TensorBoard hides earlier events with step >= purge_step: the first step this run writes.
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None, flush_secs=30)
         if progress_bar:
             from tqdm import tqdm
 
@@ -55,7 +63,7 @@ class MetricLogger:
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         self._jsonl.flush()
         if self._bar is not None:
-            shown = {k: clean[k] for k in ("loss", "acc1", "img_per_s", "lr") if k in clean}
+            shown = {k: clean[k] for k in ("loss", "acc", "img_per_s", "lr") if k in clean}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def progress(self, step: int) -> None:
@@ -70,7 +78,16 @@ class MetricLogger:
         if self._bar is not None:
             self._bar.write(text)
         else:
-            print(text, flush=True)
+            note(text)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (called with each checkpoint: a kill loses nothing
+        that the checkpoint it resumes from has seen)."""
+        if self._tb is not None:
+            self._tb.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
 
     def close(self) -> None:
         if self._bar is not None:
@@ -100,19 +117,28 @@ def read_jsonl(path) -> list[dict]:
 
 
 def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Scalars from TensorBoard event files (no TensorFlow): {tag: [(step, value), ...]}."""
+    """Scalars from TensorBoard event files (no TensorFlow): {tag: [(step, value), ...]}.
+
+    Honours purges as TensorBoard does: a restart's SessionLog START at step s drops earlier events
+    with step >= s.
+    """
     import struct
 
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list] = {}
-    for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
+    files = sorted(Path(logdir).glob("events.out.tfevents.*"), key=lambda f: (f.stat().st_mtime, f.name))
+    for f in files:
         data = f.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            if pos + 12 + length > len(data):
+                break  # a record cut by a kill
             event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                out = {k: [(s, v) for s, v in vals if s < event.step] for k, vals in out.items()}
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out

@@ -1,0 +1,407 @@
+"""MedAug contrastive pre-training: MoCo v2 whose positive key is a metadata-chosen image.
+
+`train_and_evaluate(config, workdir)` reads top to bottom: mesh -> data -> model -> optimizer ->
+train state -> sharded step -> resume -> loop (metrics, checkpoints, NaN guard). The step is one
+`jax.jit` with explicit shardings (batch over the mesh's `data` axis, state replicated), the state
+donated, and nothing leaves the device except the metrics on logging steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cxrjax.data import augment as augment_lib
+from cxrjax.data import pipeline
+from cxrjax.models import moco
+from cxrjax.train import checkpoint as ckpt_lib
+from cxrjax.train import metrics as metrics_lib
+
+# Peak dense bf16 TFLOP/s per device for the MFU metric (device_kind prefix -> peak); CPU has none.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
+               "NVIDIA A100": 312.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    q_params: nnx.State
+    q_stats: nnx.State
+    k_params: nnx.State
+    k_stats: nnx.State
+    opt_state: optax.OptState
+    queue: moco.QueueState
+    rng: jax.Array
+    first_bad_step: jax.Array  # -1 while every loss so far was finite
+
+
+# ----------------------------------------------------------------------------------------------
+# The config: every key a MoCo run has (experiment files in configs/ change what they need)
+
+
+def default_config():
+    """All keys of a MoCo run with MedAug's paper settings; configs/*.py start from this."""
+    import ml_collections as mlc
+
+    c = mlc.ConfigDict()
+    c.job = "moco"
+    c.seed = 0
+    c.batch_size = 16  # MedAug
+    c.epochs = 20  # MedAug
+    c.total_steps = 0  # > 0 overrides epochs
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+
+    # Prepared data (python -m cxrjax.prepare); empty dir = the phantom data set, prepared and cached.
+    c.data = mlc.ConfigDict(dict(
+        dir="", name=mlc.FieldReference(None, field_type=str), split="train",
+        strategy="study-same_lat-any",  # MedAug's best: same patient, same study, all lateralities
+        hard_negatives=mlc.FieldReference(None, field_type=str), num_hard_negatives=0,
+        num_workers=-1, read_threads=2, device_prefetch=2, max_corrupt=100,
+    ))
+    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
+    # MedAug: horizontal flip + rotation +-10 deg (MoCo-CXR), 320 px; crop_scale (0.95, 1) is their best variant.
+    c.augment = mlc.ConfigDict(dict(
+        size=320, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0, hflip_prob=0.5,
+        brightness=0.0, contrast=0.0, jitter_prob=0.8, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
+    ))
+    c.model = mlc.ConfigDict(dict(
+        arch="resnet18", width=64, embed_dim=128, hidden_dim=512,  # MoCo v2 head 512 -> 512 -> 128
+        init="imagenet", weights="",  # MedAug: ImageNet initialisation (weights via tools.import_torchvision)
+        dtype="float32",  # or bfloat16 compute (params stay float32)
+    ))
+    c.moco = mlc.ConfigDict(dict(
+        queue_size=24576, momentum=0.999, temperature=0.2,  # MedAug's code
+        shuffle_bn=True, shuffle_bn_groups=8,  # BN statistics per group of the global batch
+        mask_false_negatives="none",  # 'patient' / 'study': drop queue keys of the query's patient/study
+        hard_mode="none",  # 'same_laterality_only' / 'reweight' (MedAug sec. 4.3)
+    ))
+    c.optim = mlc.ConfigDict(dict(
+        name="adam", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,  # MedAug: Adam 1e-4, wd 1e-4
+        schedule="constant", warmup_steps=0, scale_by_batch=False,
+    ))
+    c.mesh = mlc.ConfigDict(dict(data=-1))
+    return c
+
+
+def apply_variants(c, arg: str | None):
+    """Shared `:variant` options of the MoCo configs (comma-separated, e.g. `:demo,sgd`)."""
+    for v in filter(None, (arg or "").split(",")):
+        if v == "demo":  # minutes on 2 CPU cores, on the phantom data
+            c.data.dir = ""
+            c.phantom.patients, c.phantom.size = 120, 64
+            c.augment.size = 56
+            c.model.update(arch="resnet18", width=16, init="random")
+            c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 60, 10, 20
+            c.moco.queue_size, c.moco.shuffle_bn_groups = 256, 4
+            c.data.num_workers = 0
+            c.optim.lr = 1e-3  # a visible loss decrease within 60 steps from random init
+        elif v == "sgd":  # MoCo v2's ImageNet recipe, as an option beside the paper's Adam
+            c.optim.update(name="sgd", lr=0.03, scale_by_batch=True, schedule="cosine", momentum=0.9)
+        elif v == "crop":  # MedAug's random-crop-scale variant (their best row)
+            c.augment.crop_scale = (0.95, 1.0)
+            c.augment.crop_ratio = (3 / 4, 4 / 3)
+        elif v == "bf16":
+            c.model.dtype = "bfloat16"
+        else:
+            raise ValueError(f"unknown config variant {v!r}; known: demo, sgd, crop, bf16")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces, each built from one config section
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+    n = jax.device_count()
+    data = config.mesh.data if config.mesh.data > 0 else n
+    if data != n:
+        raise ValueError(f"config.mesh.data={config.mesh.data} but {n} devices are visible; use -1 for all")
+    # Auto axes: XLA propagates shardings through the model (jax 0.10 defaults to Explicit axes).
+    return jax.make_mesh((data,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def prepared_data_dir(config, note) -> str:
+    """config.data.dir, or the phantom data set prepared once into a cache folder."""
+    if config.data.dir:
+        d = Path(config.data.dir).expanduser()
+        if not (d / "table.parquet").is_file():
+            raise FileNotFoundError(
+                f"config.data.dir={d} holds no prepared data (no table.parquet). Prepare it first: "
+                f"python -m cxrjax.prepare --source=... --src=... --out={d}"
+            )
+        return str(d)
+    ph = config.phantom
+    cache = Path(os.environ.get("CXRJAX_CACHE", Path.home() / ".cache" / "cxrjax"))
+    d = cache / f"phantom-p{ph.patients}-s{ph.size}-seed{ph.seed}"
+    if not (d / "manifest.json").is_file():
+        note(f"No data.dir: preparing the phantom data set ({ph.patients} patients, {ph.size}px) in {d} ...")
+        from cxrjax import prepare
+
+        if jax.process_index() == 0:
+            prepare.prepare_dataset("phantom", d, patients=ph.patients, size=ph.size, seed=ph.seed, progress=True)
+    return str(d)
+
+
+def pipeline_config(config, data_dir: str) -> pipeline.PipelineConfig:
+    d = config.data
+    return pipeline.PipelineConfig(
+        data_dir=data_dir, name=d.name, split=d.split, mode="contrastive", strategy=d.strategy,
+        hard_negatives=d.hard_negatives, num_hard_negatives=d.num_hard_negatives,
+        batch_size=config.batch_size, seed=config.seed, num_workers=d.num_workers,
+        read_threads=d.read_threads, device_prefetch=d.device_prefetch, max_corrupt=d.max_corrupt,
+        augment=augment_lib.AugmentConfig.from_dict(config.augment),
+    )
+
+
+def learning_rate(config, total_steps: int):
+    o = config.optim
+    lr = o.lr * (config.batch_size / 256 if o.scale_by_batch else 1.0)  # MoCo: lr x batch/256
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup_steps, total_steps - 1), total_steps)
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, o.warmup_steps), optax.constant_schedule(lr)],
+                                    [o.warmup_steps]) if o.warmup_steps else optax.constant_schedule(lr)
+    raise ValueError(f"config.optim.schedule={o.schedule!r}; expected 'cosine' or 'constant'")
+
+
+def optimizer(config, schedule) -> optax.GradientTransformation:
+    """L2 weight decay added to the gradient, as torch's Adam/SGD(weight_decay=...) do."""
+    o = config.optim
+    if o.name == "adam":  # MedAug: Adam, lr 1e-4, wd 1e-4
+        inner = optax.adam(schedule, b1=o.b1, b2=o.b2)
+    elif o.name == "sgd":  # MoCo v2: SGD momentum 0.9, lr 0.03 x batch/256, wd 1e-4, cosine
+        inner = optax.sgd(schedule, momentum=o.momentum)
+    else:
+        raise ValueError(f"config.optim.name={o.name!r}; expected 'adam' or 'sgd'")
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), inner)
+
+
+def build_encoders(config, note):
+    m = config.model
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+    query = moco.build_moco_encoder(m.arch, in_channels=1, embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
+                                    dtype=dtype, param_dtype=jnp.float32, width=m.width,
+                                    rngs=nnx.Rngs(config.seed))
+    if m.init == "imagenet":
+        if not m.weights:
+            raise ValueError(
+                "config.model.init='imagenet' needs config.model.weights=PATH: convert torchvision's weights "
+                "once with `python -m cxrjax.tools.import_torchvision resnet18.pth OUT --in_channels 1` "
+                "(no download happens at run time), or set config.model.init='random'."
+            )
+        from cxrjax.tools import import_torchvision
+
+        import_torchvision.load_pretrained(query.backbone, m.weights)
+        note(f"Backbone initialised from {m.weights}")
+    elif m.init != "random":
+        raise ValueError(f"config.model.init={m.init!r}; expected 'imagenet' or 'random'")
+    return query, moco.copy_encoder(query)  # MedAug: both encoders start from the same weights
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(config, q_graph, k_graph, tx, schedule):
+    mc = config.moco
+    bn_groups = mc.shuffle_bn_groups if mc.shuffle_bn else 1
+
+    def train_step(state: TrainState, batch: dict):
+        rng, shuffle_rng = jax.random.split(state.rng)
+        x_q = augment_lib.normalize(batch["query"]).astype(jnp.float32)
+        x_k = augment_lib.normalize(batch["key"]).astype(jnp.float32)
+        n = x_k.shape[0]
+
+        # Momentum encoder: EMA first, then the keys (reference MoCo), shuffle BN across groups.
+        k_params = moco.ema_update(state.k_params, state.q_params, mc.momentum)
+        hard, hard_valid = None, None
+        if "hard_negatives" in batch:
+            h = batch["hard_negatives"]
+            x_all = jnp.concatenate([x_k, augment_lib.normalize(h).astype(jnp.float32).reshape((-1,) + x_k.shape[1:])])
+            keys_all, k_stats = moco.encode_keys_shuffled(k_graph, k_params, state.k_stats, x_all, shuffle_rng,
+                                                           num_groups=bn_groups)
+            k_emb, hard = keys_all[:n], keys_all[n:].reshape(n, h.shape[1], -1)
+            hard_valid = batch["hard_negative_rows"] >= 0
+        else:
+            k_emb, k_stats = moco.encode_keys_shuffled(k_graph, k_params, state.k_stats, x_k, shuffle_rng,
+                                                       num_groups=bn_groups)
+
+        def loss_fn(q_params):
+            q, q_stats = moco.apply_encoder(q_graph, q_params, state.q_stats, x_q, train=True,
+                                            bn_groups=bn_groups)
+            loss, m = moco.moco_loss(
+                q, k_emb, state.queue, temperature=mc.temperature, q_patient=batch["patient"],
+                q_study=batch["study"], q_laterality=batch["laterality"],
+                mask_false_negatives=mc.mask_false_negatives, hard_negatives=hard,
+                hard_negatives_valid=hard_valid, hard_mode=mc.hard_mode,
+            )
+            return loss, (q_stats, m)
+
+        (loss, (q_stats, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.q_params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.q_params)
+        q_params = optax.apply_updates(state.q_params, updates)
+        queue = moco.enqueue(state.queue, k_emb, batch["patient"], batch["key_study"], batch["key_laterality"])
+
+        finite = jnp.isfinite(loss)
+        first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step)
+        new = TrainState(step=state.step + 1, q_params=q_params, q_stats=q_stats, k_params=k_params,
+                         k_stats=k_stats, opt_state=opt_state, queue=queue, rng=rng, first_bad_step=first_bad)
+        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **m}
+        return new, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _fingerprint(config, data_dir: str) -> dict:
+    """What a checkpoint must agree with to be resumed."""
+    return {"job": "moco", "arch": config.model.arch, "width": config.model.width, "embed_dim": config.model.embed_dim,
+            "hidden_dim": config.model.hidden_dim, "queue_size": config.moco.queue_size, "optim": config.optim.name,
+            "batch_size": config.batch_size, "data_dir": str(Path(data_dir).resolve()), "seed": config.seed,
+            "strategy": config.data.strategy, "process_count": jax.process_count()}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Run (or resume) a MoCo pre-training; returns the last logged metrics."""
+    workdir = str(Path(workdir).resolve())
+    note = metrics_lib.note
+
+    note("Creating mesh ...")
+    mesh = make_mesh(config)
+    replicated = NamedSharding(mesh, P())
+
+    note("Creating input pipeline ...")
+    data_dir = prepared_data_dir(config, note)
+    pcfg = pipeline_config(config, data_dir)
+    data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name)
+    steps_per_epoch = data.n // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {data.n} images of split {pcfg.split!r}")
+    total_steps = config.total_steps if config.total_steps > 0 else config.epochs * steps_per_epoch
+    if config.moco.queue_size % config.batch_size:
+        raise ValueError(f"moco.queue_size {config.moco.queue_size} must be a multiple of batch_size {config.batch_size}")
+    if config.moco.shuffle_bn and config.batch_size % config.moco.shuffle_bn_groups:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of moco.shuffle_bn_groups "
+                         f"{config.moco.shuffle_bn_groups}")
+
+    note("Creating model ...")
+    query, key = build_encoders(config, note)
+    q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
+    k_graph, k_params, k_stats = nnx.split(key, nnx.Param, nnx.BatchStat)
+    schedule = learning_rate(config, total_steps)
+    tx = optimizer(config, schedule)
+
+    def init_state():
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), q_params=q_params, q_stats=q_stats, k_params=k_params, k_stats=k_stats,
+            opt_state=tx.init(q_params),
+            queue=moco.init_queue(jax.random.PRNGKey(config.seed + 1), config.moco.queue_size, config.model.embed_dim),
+            rng=jax.random.PRNGKey(config.seed + 2), first_bad_step=jnp.full((), -1, jnp.int32),
+        )
+
+    abstract = jax.eval_shape(init_state)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+
+    note("Compiling the train step ...")
+    step_fn = make_train_step(config, q_graph, k_graph, tx, schedule)
+    batch_sharding = pipeline.batch_sharding(mesh)
+    train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+    ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir))
+    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
+    iterator = pipeline.make_iterator(pcfg, mesh, data=data)
+    start = checkpointer.latest_step() or 0
+    if start:
+        note(f"Resuming from {checkpointer.directory}/{start} ...")
+        abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract, state_sharding)
+        state = checkpointer.restore(start, abstract_sharded, iterator)
+
+    first = next(iterator)
+    compiled = train_step.lower(state, first).compile()
+    flops = _flops(compiled)
+    logger = metrics_lib.MetricLogger(workdir, total_steps=total_steps, start_step=start)
+    note = logger.note
+    note(f"{total_steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} on {jax.device_count()} "
+         f"device(s); {flops / 1e9:.1f} GFLOP/step")
+
+    last = {}
+    peak = _peak_tflops()
+    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    batch = first
+    try:
+        for step in range(start, total_steps):
+            if step > start:
+                t0 = time.perf_counter()
+                batch = next(iterator)
+                wait_window += time.perf_counter() - t0
+            state, metrics = compiled(state, batch)
+            steps_window += 1
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == total_steps
+            save_now = checkpointer.manager.should_save(done) or done == total_steps
+            if log_now or save_now:
+                bad = int(jax.device_get(state.first_bad_step))
+                if bad >= 0:
+                    _stop_nonfinite(bad, checkpointer, workdir)
+            if log_now:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t_window
+                m.update(img_per_s=steps_window * config.batch_size / dt, step_time_s=dt / steps_window,
+                         input_wait_frac=wait_window / dt, tflops_per_s=flops * steps_window / dt / 1e12,
+                         epoch=done / steps_per_epoch)
+                if peak:
+                    m["mfu"] = m["tflops_per_s"] / (peak * jax.device_count())
+                logger.write(done, m)
+                last = m
+                t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+            if save_now:
+                logger.flush()
+                checkpointer.save(done, state, iterator, force=done == total_steps)
+            logger.progress(done)
+    finally:
+        checkpointer.close()
+        iterator.close()
+        logger.close()
+    return last
+
+
+def _stop_nonfinite(bad_step: int, checkpointer, workdir) -> None:
+    checkpointer.wait()  # saves in flight hold good states; let them finish, write nothing new
+    good = checkpointer.latest_step()
+    raise FloatingPointError(
+        f"the loss became NaN/Inf at step {bad_step + 1}; the run stopped without saving it. "
+        + (f"The last good checkpoint is step {good} in {workdir}/checkpoints. " if good else "No checkpoint was written. ")
+        + "Lower config.optim.lr, use float32 (config.model.dtype), or check the input data."
+    )
+
+
+def _flops(compiled) -> float:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best effort on some backends
+        return 0.0
+
+
+def _peak_tflops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), None)

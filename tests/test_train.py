@@ -1,0 +1,133 @@
+"""The MoCo trainer end to end, through `python -m cxrjax.main` in subprocesses (as users run it)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cxrjax.train import metrics as metrics_lib
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "moco_patient.py")
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    """A small prepared phantom data set shared by the tests of this module."""
+    from cxrjax import prepare
+
+    d = tmp_path_factory.mktemp("phantom")
+    prepare.prepare_dataset("phantom", d, patients=60, size=48, workers=1, strategies=["study-same_lat-any"])
+    return d
+
+
+def _cmd(workdir, data_dir, *overrides, variant="demo"):
+    return [sys.executable, "-m", "cxrjax.main", f"--config={CONFIG}:{variant}", f"--workdir={workdir}",
+            f"--config.data.dir={data_dir}", "--config.augment.size=40", "--config.log_every=1",
+            "--config.moco.queue_size=64", *overrides]
+
+
+def _env(devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(cmd, devices=1, check=True):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(devices), timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}")
+    return r
+
+
+def _checkpoints(workdir):
+    """Finalised checkpoint steps (Orbax writes N.orbax-checkpoint-tmp until a save is complete)."""
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _losses(workdir):
+    return {d["step"]: d["loss"] for d in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_kill_minus_9_and_resume_is_bitwise_identical(tmp_path, phantom_dir):
+    steps = ["--config.total_steps=14", "--config.checkpoint_every=3"]
+    straight = tmp_path / "straight"
+    _run(_cmd(straight, phantom_dir, *steps))
+    expected = _losses(straight)
+    assert sorted(expected) == list(range(1, 15))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, phantom_dir, *steps), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Kill as soon as a checkpoint is finalised and the run has gone past it (mid-interval).
+    while time.time() < deadline:
+        done = _checkpoints(killed)
+        logged = _losses(killed) if (killed / "metrics.jsonl").exists() else {}
+        if done and max(logged, default=0) >= max(done) + 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _losses(killed)
+    assert 3 <= max(partial) < 14, "the kill should land mid-run"
+
+    _run(_cmd(killed, phantom_dir, *steps))  # same command: resumes from the last checkpoint
+    resumed = _losses(killed)
+    assert resumed == expected  # every step's loss, bit for bit (JSON keeps float32 values exactly)
+    tb = metrics_lib.read_tensorboard_scalars(killed / "tb")
+    assert sorted(s for s, _ in tb["loss"]) == list(range(1, 15))  # each step once, as TensorBoard shows it
+
+
+@pytest.mark.slow
+def test_same_losses_on_1_and_8_devices(tmp_path, phantom_dir):
+    steps = ["--config.total_steps=3", "--config.checkpoint_every=100"]
+    _run(_cmd(tmp_path / "one", phantom_dir, *steps), devices=1)
+    _run(_cmd(tmp_path / "eight", phantom_dir, *steps), devices=8)
+    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    assert sorted(one) == [1, 2, 3]
+    for s in one:
+        assert abs(one[s] - eight[s]) < 1e-4 * max(1.0, abs(one[s])), (s, one[s], eight[s])
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, phantom_dir):
+    work = tmp_path / "w"
+    _run(_cmd(work, phantom_dir, "--config.total_steps=4", "--config.checkpoint_every=2"))
+    # Resume with a NaN learning rate: parameters become NaN after step 5, the loss at step 6.
+    r = _run(_cmd(work, phantom_dir, "--config.total_steps=8", "--config.checkpoint_every=2",
+                  "--config.optim.lr=nan"), check=False)
+    assert r.returncode != 0
+    assert "NaN/Inf" in r.stderr and "last good checkpoint is step 4" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _checkpoints(work)[-1] == 4  # nothing written after the last good step (Orbax also keeps step 1)
+
+
+def test_config_errors_are_clear(tmp_path, phantom_dir):
+    r = _run(_cmd(tmp_path / "a", phantom_dir, "--config.optim.learning_rate=0.1"), check=False)
+    assert r.returncode != 0 and "learning_rate" in r.stderr
+    r = _run(_cmd(tmp_path / "b", tmp_path / "nowhere"), check=False)
+    assert r.returncode != 0 and "holds no prepared data" in r.stderr and "Traceback" not in r.stderr
+    r = _run([sys.executable, "-m", "cxrjax.main", f"--config={REPO / 'configs' / 'moco_patient.py'}:dmeo",
+              f"--workdir={tmp_path / 'c'}"], check=False)
+    assert r.returncode != 0 and "unknown config variant 'dmeo'" in r.stderr
+    r = _run(_cmd(tmp_path / "d", phantom_dir, "--config.model.init=imagenet"), check=False)
+    assert r.returncode != 0 and "import_torchvision" in r.stderr
+
+
+@pytest.mark.slow
+def test_incompatible_workdir_is_refused(tmp_path, phantom_dir):
+    work = tmp_path / "w"
+    _run(_cmd(work, phantom_dir, "--config.total_steps=2", "--config.checkpoint_every=2"))
+    r = _run(_cmd(work, phantom_dir, "--config.total_steps=4", "--config.model.arch=resnet50"), check=False)
+    assert r.returncode != 0 and "different setup" in r.stderr and "arch" in r.stderr
+    run = json.loads((work / "run.json").read_text())
+    assert run["arch"] == "resnet18"
