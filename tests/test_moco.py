@@ -13,29 +13,9 @@ from cxrjax.models.moco import (QueueState, apply_encoder, build_moco_encoder, c
                                 ema_update,
                                 encode_keys_shuffled, enqueue, init_queue, l2_normalize, moco_loss,
                                 permute_for_shuffle_bn)
+from model_utils import fast_init
 
 T = 0.2
-
-
-def _fast_init(factory, seed=0):
-    """Build a model abstractly and fill it from numpy (He-normal kernels, BN identity).
-
-    Eager NNX init compiles one PRNG kernel per distinct shape (seconds each on a busy 2-core
-    machine); tests whose claim does not involve the initialiser use this instead.
-    """
-    model = nnx.eval_shape(factory)
-    rng = np.random.default_rng(seed)
-    state = nnx.state(model)
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "kernel":
-            val = rng.normal(size=var.shape) * np.sqrt(2.0 / np.prod(var.shape[:-1]))
-        elif path[-1] in ("scale", "var"):
-            val = np.ones(var.shape)
-        else:
-            val = np.zeros(var.shape)
-        var.set_value(jnp.asarray(val, var.dtype))
-    nnx.update(model, state)
-    return model
 
 
 def _unit(rng, *shape):
@@ -215,7 +195,7 @@ def test_queue_size_must_be_a_multiple_of_the_batch():
 
 # -------------------------------------------------------------------------------------- EMA
 def _tiny_encoder(seed=0):
-    return _fast_init(lambda: build_moco_encoder("resnet18", in_channels=1, width=8, embed_dim=16,
+    return fast_init(lambda: build_moco_encoder("resnet18", in_channels=1, width=8, embed_dim=16,
                                                  rngs=nnx.Rngs(0)), seed)
 
 

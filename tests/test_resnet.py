@@ -11,27 +11,7 @@ from flax import nnx
 
 from cxrjax.models.resnet import ResNet, flat_state, num_params, resnet18, resnet50
 from cxrjax.tools import import_torchvision as itv
-
-
-def _fast_init(factory, seed=0):
-    """Build a model abstractly and fill it from numpy (He-normal kernels, BN identity).
-
-    Eager NNX init compiles one PRNG kernel per distinct shape (seconds each on a busy 2-core
-    machine); tests whose claim does not involve the initialiser use this instead.
-    """
-    model = nnx.eval_shape(factory)
-    rng = np.random.default_rng(seed)
-    state = nnx.state(model)
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "kernel":
-            val = rng.normal(size=var.shape) * np.sqrt(2.0 / np.prod(var.shape[:-1]))
-        elif path[-1] in ("scale", "var"):
-            val = np.ones(var.shape)
-        else:
-            val = np.zeros(var.shape)
-        var.set_value(jnp.asarray(val, var.dtype))
-    nnx.update(model, state)
-    return model
+from model_utils import fast_init
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train", "bn_groups"))
@@ -63,11 +43,11 @@ def test_parameter_counts_match_torchvision():
 
 def test_output_shapes_dtypes_and_channels():
     x1 = jnp.ones((2, 32, 32, 1))
-    m = _fast_init(lambda: resnet18(in_channels=1, dtype=jnp.bfloat16, width=8, rngs=nnx.Rngs(0)))
+    m = fast_init(lambda: resnet18(in_channels=1, dtype=jnp.bfloat16, width=8, rngs=nnx.Rngs(0)))
     y = _forward(m, x1, train=True)
     assert y.shape == (2, 64) and y.dtype == jnp.float32  # 8 * 8 (512 at torchvision width)
     assert m.conv1.kernel[...].dtype == jnp.float32  # fp32 params under bf16 compute
-    m = _fast_init(lambda: resnet18(num_classes=7, width=8, rngs=nnx.Rngs(0)))
+    m = fast_init(lambda: resnet18(num_classes=7, width=8, rngs=nnx.Rngs(0)))
     assert _forward(m, jnp.ones((3, 32, 32, 3))).shape == (3, 7)
     with pytest.raises(ValueError, match="channels"):
         m(jnp.ones((1, 32, 32, 1)), train=False)
@@ -90,7 +70,7 @@ def test_real_init_and_zero_init_residual():
 
 
 def test_train_mode_updates_batch_stats_and_eval_does_not():
-    m = _fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
+    m = fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 2 + 1
     before = {k: np.asarray(v) for k, v in flat_state(m).items()}
     _forward(m, x, train=False)
@@ -112,7 +92,7 @@ def test_train_mode_updates_batch_stats_and_eval_does_not():
 def test_grouped_batch_norm_equals_separate_batches():
     # 64 px and 4 images a group: layer4 BN still sees 16 values (tiny groups are ill-conditioned)
     x = jax.random.normal(jax.random.key(2), (8, 64, 64, 3))
-    m = _fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
+    m = fast_init(lambda: resnet18(width=8, rngs=nnx.Rngs(0)))
     whole = _forward(nnx.clone(m), x, train=True, bn_groups=2)
     halves = [_forward(nnx.clone(m), x[:4], train=True), _forward(nnx.clone(m), x[4:], train=True)]
     np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-5)
@@ -144,25 +124,25 @@ def test_load_pretrained_round_trip_and_errors(tmp_path):
     for ext in ("npz", "safetensors"):
         path = str(tmp_path / f"w.{ext}")
         itv.save_flat(path, flat)
-        m = _fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1)))
+        m = fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1)))
         itv.load_pretrained(m, path)
         got = flat_state(m)
         assert set(got) == set(flat)
         assert all(np.array_equal(got[k], flat[k]) for k in flat)
     # a classifier file initialises a feature backbone: fc.* is dropped when the model has no fc
-    m0 = _fast_init(lambda: resnet18(rngs=nnx.Rngs(1)))
+    m0 = fast_init(lambda: resnet18(rngs=nnx.Rngs(1)))
     itv.load_pretrained(m0, path)
     np.testing.assert_array_equal(m0.layer4[1].conv2.kernel[...], flat["layer4.1.conv2.kernel"])
     # a 1-channel model and a 3-channel file: clear shape error
     with pytest.raises(itv.WeightImportError, match=r"shape mismatch.*conv1.kernel"):
-        itv.load_pretrained(_fast_init(lambda: resnet18(in_channels=1, rngs=nnx.Rngs(1))), path)
+        itv.load_pretrained(fast_init(lambda: resnet18(in_channels=1, rngs=nnx.Rngs(1))), path)
     bad = dict(flat)
     del bad["layer1.0.bn1.var"]
     bad["layer9.0.conv1.kernel"] = np.zeros(3, np.float32)
     itv.save_flat(str(tmp_path / "bad.npz"), bad)
     with pytest.raises(itv.WeightImportError, match=r"(?s)missing \(1\): layer1.0.bn1.var.*"
                                                     r"unexpected \(1\): layer9.0.conv1.kernel"):
-        itv.load_pretrained(_fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1))),
+        itv.load_pretrained(fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1))),
                             str(tmp_path / "bad.npz"))
 
 
@@ -223,8 +203,8 @@ def test_one_channel_import_equals_rgb_on_grey_input(tmp_path):
     itv.save_flat(str(tmp_path / "rgb.npz"), itv.import_torchvision(str(tmp_path / "tv.safetensors")))
     itv.save_flat(str(tmp_path / "grey.npz"),
                   itv.import_torchvision(str(tmp_path / "tv.safetensors"), in_channels=1))
-    rgb = _fast_init(lambda: resnet18(num_classes=5, rngs=nnx.Rngs(0)))
-    grey = _fast_init(lambda: resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0)))
+    rgb = fast_init(lambda: resnet18(num_classes=5, rngs=nnx.Rngs(0)))
+    grey = fast_init(lambda: resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0)))
     itv.load_pretrained(rgb, str(tmp_path / "rgb.npz"))
     itv.load_pretrained(grey, str(tmp_path / "grey.npz"))
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
@@ -341,7 +321,7 @@ def test_parity_with_torch_reference(arch, fmt, tmp_path):
     out = str(tmp_path / "cx.safetensors")
     assert itv.main([src, out, "--arch", arch]) == 0
 
-    model = _fast_init(lambda: ResNet(arch, num_classes=10, rngs=nnx.Rngs(0)))
+    model = fast_init(lambda: ResNet(arch, num_classes=10, rngs=nnx.Rngs(0)))
     itv.load_pretrained(model, out)
     x = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
     with torch.no_grad():
@@ -358,7 +338,7 @@ def test_train_mode_parity_with_torch_resnet18(tmp_path):
     src = str(tmp_path / "tv.pth")
     torch.save(net.state_dict(), src)
     itv.save_flat(str(tmp_path / "cx.npz"), itv.import_torchvision(src))
-    model = _fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))
+    model = fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))
     itv.load_pretrained(model, str(tmp_path / "cx.npz"))
     x = np.random.default_rng(1).normal(size=(4, 3, 64, 64)).astype(np.float32)
     net.train()

@@ -193,7 +193,9 @@ def build_encoders(config, note):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
     query = moco.build_moco_encoder(m.arch, in_channels=1, embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
                                     dtype=dtype, param_dtype=jnp.float32, width=m.width,
-                                    rngs=nnx.Rngs(config.seed))
+                                    # rbg keys: eager init compiles one PRNG kernel per parameter shape;
+                                    # rbg's are ~2x cheaper to compile than threefry's (5 s vs 11 s at start-up).
+                                    rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")))
     if m.init == "imagenet":
         if not m.weights:
             raise ValueError(
