@@ -329,59 +329,68 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir))
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
     iterator = pipeline.make_iterator(pcfg, mesh, data=data)
-    start = checkpointer.latest_step() or 0
-    if start:
-        note(f"Resuming from {checkpointer.directory}/{start} ...")
-        abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract, state_sharding)
-        state = checkpointer.restore(start, abstract_sharded, iterator)
-
-    first = next(iterator)
-    compiled = train_step.lower(state, first).compile()
-    flops = _flops(compiled)
-    logger = metrics_lib.MetricLogger(workdir, total_steps=total_steps, start_step=start)
-    note = logger.note
-    note(f"{total_steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} on {jax.device_count()} "
-         f"device(s); {flops / 1e9:.1f} GFLOP/step")
-
-    last = {}
-    peak = _peak_tflops()
-    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
-    batch = first
+    logger = None
     try:
-        for step in range(start, total_steps):
-            if step > start:
-                t0 = time.perf_counter()
-                batch = next(iterator)
-                wait_window += time.perf_counter() - t0
-            state, metrics = compiled(state, batch)
-            steps_window += 1
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == total_steps
-            save_now = checkpointer.manager.should_save(done) or done == total_steps
-            if log_now or save_now:
-                bad = int(jax.device_get(state.first_bad_step))
-                if bad >= 0:
-                    _stop_nonfinite(bad, checkpointer, workdir)
-            if log_now:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t_window
-                m.update(img_per_s=steps_window * config.batch_size / dt, step_time_s=dt / steps_window,
-                         input_wait_frac=wait_window / dt, tflops_per_s=flops * steps_window / dt / 1e12,
-                         epoch=done / steps_per_epoch)
-                if peak:
-                    m["mfu"] = m["tflops_per_s"] / (peak * jax.device_count())
-                logger.write(done, m)
-                last = m
-                t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
-            if save_now:
-                logger.flush()
-                checkpointer.save(done, state, iterator, force=done == total_steps)
-            logger.progress(done)
+        start = checkpointer.latest_step() or 0
+        if start >= total_steps:
+            note(f"{workdir} already holds the final step {start} of {total_steps}; nothing to do.")
+            return {}
+        if start:
+            note(f"Resuming from {checkpointer.directory}/{start} ...")
+            abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            abstract, state_sharding)
+            state = checkpointer.restore(start, abstract_sharded, iterator)
+
+        first = next(iterator)
+        compiled = train_step.lower(state, first).compile()
+        flops = _flops(compiled)
+        logger = metrics_lib.MetricLogger(workdir, total_steps=total_steps, start_step=start)
+        logger.note(f"{total_steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} on "
+                    f"{jax.device_count()} device(s); {flops / 1e9:.1f} GFLOP/step")
+        return _loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
+                     total_steps=total_steps, steps_per_epoch=steps_per_epoch, flops=flops, workdir=workdir)
     finally:
         checkpointer.close()
         iterator.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
+
+
+def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, start, total_steps, steps_per_epoch,
+          flops, workdir) -> dict:
+    """Steps `start`..`total_steps`: metrics on log steps, NaN check and checkpoint on save steps."""
+    last = {}
+    peak = _peak_tflops()
+    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    for step in range(start, total_steps):
+        if step > start:
+            t0 = time.perf_counter()
+            batch = next(iterator)
+            wait_window += time.perf_counter() - t0
+        state, metrics = compiled(state, batch)
+        steps_window += 1
+        done = step + 1
+        log_now = done % config.log_every == 0 or done == total_steps
+        save_now = checkpointer.manager.should_save(done) or done == total_steps
+        if log_now or save_now:
+            bad = int(jax.device_get(state.first_bad_step))
+            if bad >= 0:
+                _stop_nonfinite(bad, checkpointer, workdir)
+        if log_now:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t_window
+            m.update(img_per_s=steps_window * config.batch_size / dt, step_time_s=dt / steps_window,
+                     input_wait_frac=wait_window / dt, tflops_per_s=flops * steps_window / dt / 1e12,
+                     epoch=done / steps_per_epoch)
+            if peak:
+                m["mfu"] = m["tflops_per_s"] / (peak * jax.device_count())
+            logger.write(done, m)
+            last = m
+            t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+        if save_now:
+            logger.flush()
+            checkpointer.save(done, state, iterator, force=done == total_steps)
+        logger.progress(done)
     return last
 
 
