@@ -22,7 +22,6 @@ loop waited for data, and the step's images/s alone on synthetic data.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import random

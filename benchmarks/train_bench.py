@@ -152,13 +152,9 @@ def max_pool_slices(x, window_shape, strides=None, padding="VALID"):
 
 def bench_cxrjax(args, size: int) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from cxrjax.data import pipeline
-    from cxrjax.models import moco
     from cxrjax.train import contrastive as ct
 
     if args.patch == "maxpool_slices":
@@ -167,30 +163,10 @@ def bench_cxrjax(args, size: int) -> dict:
         resnet.nnx = _NnxProxy(nnx, max_pool=max_pool_slices)
     config = cxrjax_config(args, size)
     mesh = ct.make_mesh(config)
-    replicated = NamedSharding(mesh, P())
-    query, key = ct.build_encoders(config, lambda s: None)
-    q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
-    k_graph, k_params, k_stats = nnx.split(key, nnx.Param, nnx.BatchStat)
-    schedule = ct.learning_rate(config, config.total_steps)
-    tx = ct.optimizer(config, schedule)
-
-    def init_state():  # as train_and_evaluate
-        return ct.TrainState(
-            step=jnp.zeros((), jnp.int32), q_params=q_params, q_stats=q_stats, k_params=k_params, k_stats=k_stats,
-            opt_state=tx.init(q_params),
-            queue=moco.init_queue(jax.random.PRNGKey(config.seed + 1), config.moco.queue_size, config.model.embed_dim),
-            rng=jax.random.PRNGKey(config.seed + 2), first_bad_step=jnp.full((), -1, jnp.int32),
-        )
-
-    abstract = jax.eval_shape(init_state)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
-    state = jax.jit(init_state, out_shardings=state_sharding)()
-    del query, key, q_params, k_params  # the state holds its own buffers (donated below)
-
-    step_fn = ct.make_train_step(config, q_graph, k_graph, tx, schedule)
+    setup = ct.build_training(config, mesh, config.total_steps)  # exactly the trainer's state and step
+    state, train_step = setup.state, setup.train_step
+    del setup
     batch_sharding = pipeline.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     batch = jax.device_put(make_batch(args.batch, size), batch_sharding)
 
     t = time.perf_counter()

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cxrjax.models.moco import (QueueState, apply_encoder, build_moco_encoder, copy_encoder,
                                 ema_update,
-                                encode_keys_shuffled, enqueue, init_queue, l2_normalize, moco_loss,
+                                encode_keys_shuffled, enqueue, init_queue, moco_loss,
                                 permute_for_shuffle_bn)
 from model_utils import fast_init
 

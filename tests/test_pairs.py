@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrjax.data import pairs
 from cxrjax.data.pairs import (
     HARD_NEGATIVES,
     STRATEGIES,

@@ -47,9 +47,8 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import grain
 import numpy as np

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding
@@ -266,6 +265,43 @@ def make_train_step(config, q_graph, k_graph, tx, schedule):
     return train_step
 
 
+@dataclasses.dataclass
+class Training:
+    """The initial train state, its shapes and shardings, and the jitted (not yet compiled) step."""
+
+    state: TrainState
+    abstract: TrainState
+    state_sharding: TrainState
+    train_step: object
+
+
+def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Training:
+    """Encoders -> optimizer -> replicated initial state -> `jax.jit` step with explicit shardings and
+    the state donated (shared by the trainer and benchmarks/train_bench.py, so both run one step)."""
+    replicated = NamedSharding(mesh, P())
+    query, key = build_encoders(config, note)
+    q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
+    k_graph, k_params, k_stats = nnx.split(key, nnx.Param, nnx.BatchStat)
+    schedule = learning_rate(config, total_steps)
+    tx = optimizer(config, schedule)
+
+    def init_state():
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), q_params=q_params, q_stats=q_stats, k_params=k_params, k_stats=k_stats,
+            opt_state=tx.init(q_params),
+            queue=moco.init_queue(jax.random.PRNGKey(config.seed + 1), config.moco.queue_size, config.model.embed_dim),
+            rng=jax.random.PRNGKey(config.seed + 2), first_bad_step=jnp.full((), -1, jnp.int32),
+        )
+
+    abstract = jax.eval_shape(init_state)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+    step_fn = make_train_step(config, q_graph, k_graph, tx, schedule)
+    train_step = jax.jit(step_fn, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    return Training(state, abstract, state_sharding, train_step)
+
+
 # ----------------------------------------------------------------------------------------------
 # The job
 
@@ -285,7 +321,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     note("Creating mesh ...")
     mesh = make_mesh(config)
-    replicated = NamedSharding(mesh, P())
 
     note("Creating input pipeline ...")
     data_dir = prepared_data_dir(config, note)
@@ -301,30 +336,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of moco.shuffle_bn_groups "
                          f"{config.moco.shuffle_bn_groups}")
 
-    note("Creating model ...")
-    query, key = build_encoders(config, note)
-    q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
-    k_graph, k_params, k_stats = nnx.split(key, nnx.Param, nnx.BatchStat)
-    schedule = learning_rate(config, total_steps)
-    tx = optimizer(config, schedule)
-
-    def init_state():
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), q_params=q_params, q_stats=q_stats, k_params=k_params, k_stats=k_stats,
-            opt_state=tx.init(q_params),
-            queue=moco.init_queue(jax.random.PRNGKey(config.seed + 1), config.moco.queue_size, config.model.embed_dim),
-            rng=jax.random.PRNGKey(config.seed + 2), first_bad_step=jnp.full((), -1, jnp.int32),
-        )
-
-    abstract = jax.eval_shape(init_state)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
-    state = jax.jit(init_state, out_shardings=state_sharding)()
-
-    note("Compiling the train step ...")
-    step_fn = make_train_step(config, q_graph, k_graph, tx, schedule)
-    batch_sharding = pipeline.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    note("Creating model and compiling the train step ...")
+    setup = build_training(config, mesh, total_steps, note)
+    state, abstract, state_sharding, train_step = setup.state, setup.abstract, setup.state_sharding, setup.train_step
 
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir))
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
