@@ -53,11 +53,17 @@ from typing import Mapping
 import grain
 import numpy as np
 import pandas as pd
+from array_record.python import array_record_module
 from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
 
 from cxrjax.data import augment as augment_lib
 from cxrjax.data import pairs, records, schema
 
+# array_record and TFDS's proto are imported here, on the importing thread, never lazily inside a
+# reader thread: importing TFDS runs `etils.epy.lazy_imports()` blocks that swap `builtins.__import__`
+# process-wide, and a thread importing array_record during that window got a LazyModule stub
+# ("'LazyModule' object is not callable", seen intermittently when restoring under load).
 # JAX is imported inside the device-side functions only: the decode workers are spawned processes
 # that unpickle this module, and must not pay for (or fight over threads with) a JAX import.
 
@@ -290,8 +296,6 @@ class RecordReader:
         self.files = records.shard_files(out, name, split)
         if not self.files:
             raise FileNotFoundError(f"no record shards for split {split!r} of {name!r} under {out}")
-        from array_record.python import array_record_module
-
         lengths = []
         for f in self.files:
             reader = array_record_module.ArrayRecordReader(f)
@@ -337,8 +341,6 @@ class RecordReader:
 
 def decode_record(raw: bytes, want=("image",)) -> dict:
     """Fields of one serialized record: image (2-D array), text features (str), study_order, labels."""
-    from tensorflow_datasets.proto import tf_example_pb2
-
     feature = tf_example_pb2.Example.FromString(raw).features.feature
     out = {}
     for key in want:
