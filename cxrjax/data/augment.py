@@ -39,6 +39,15 @@ CXR_STD = 0.0856
 _MAX_CROP_TRIES = 10  # torchvision's RandomResizedCrop: 10 tries, then the whole image
 
 
+def known_fields(cls, d) -> dict:
+    """`d` (a dict or ml_collections ConfigDict) as a dict, refusing keys that are not fields of `cls`."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation (per view) and the eval transform.
@@ -87,10 +96,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d) -> "AugmentConfig":
         """From a dict / ml_collections ConfigDict (lists become tuples); unknown keys are an error."""
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"AugmentConfig: unknown field(s) {sorted(unknown)}")
+        d = known_fields(cls, d)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -145,11 +145,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d) -> "PipelineConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"PipelineConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        return cls(**augment_lib.known_fields(cls, d))
 
     def layout(self) -> tuple[int, int]:
         """(process_index, process_count), each from JAX unless given."""
