@@ -117,7 +117,10 @@ class WriteSettings:
         return Path(self.out) / self.name / RECORD_VERSION
 
     def shard_path(self, task: ShardTask) -> Path:
-        return self.records_dir / f"{self.name}-{task.split}.array_record-{task.index:05d}-of-{task.count:05d}"
+        return self.shard_file(task.split, task.index, task.count)
+
+    def shard_file(self, split: str, index: int, count: int) -> Path:
+        return self.records_dir / f"{self.name}-{split}.array_record-{index:05d}-of-{count:05d}"
 
     def progress_path(self, task: ShardTask) -> Path:
         return Path(self.out) / "_progress" / f"{task.tag}.json"
@@ -305,7 +308,7 @@ def _write_tfds_metadata(settings: WriteSettings, shard_lengths: dict) -> None:
             split=split, filetype_suffix="array_record",
         )
         num_bytes = sum(
-            settings.shard_path(ShardTask(split, i, len(lengths), [], "")).stat().st_size for i in range(len(lengths))
+            settings.shard_file(split, i, len(lengths)).stat().st_size for i in range(len(lengths))
         )
         split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
                                                filename_template=template))
