@@ -693,9 +693,27 @@ def make_iterator(cfg: PipelineConfig, mesh=None, *, data: PreparedData | None =
     return DeviceIterator(it, batch_sharding(mesh, axis) if mesh is not None else None, cfg.device_prefetch)
 
 
+class IteratorSnapshot:
+    """The iterator state as of the save call: an async save must not read a state the loop has moved past."""
+
+    def __init__(self, iterator):
+        state = iterator.get_state()
+        # grain's handler writes a non-DatasetIterator's state as bytes; a dict becomes the same JSON
+        # a DatasetIterator's would, so restoring into the live iterator reads it back as a dict.
+        self._state = json.dumps(state, indent=4).encode() if isinstance(state, dict) else state
+
+    def get_state(self):
+        return self._state
+
+
 def checkpoint_args(iterator, restore: bool = False):
-    """Orbax args for the iterator item of an `ocp.args.Composite` (grain's Orbax handler)."""
-    return grain.checkpoint.CheckpointRestore(iterator) if restore else grain.checkpoint.CheckpointSave(iterator)
+    """Orbax args for the iterator item of an `ocp.args.Composite` (grain's Orbax handler).
+
+    Saving takes a snapshot of the state now; restoring sets the state of the live `iterator`.
+    """
+    if restore:
+        return grain.checkpoint.CheckpointRestore(iterator)
+    return grain.checkpoint.CheckpointSave(IteratorSnapshot(iterator))
 
 
 # ----------------------------------------------------------------------------------------------

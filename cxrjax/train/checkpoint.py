@@ -14,24 +14,12 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from grain import checkpoint as grain_checkpoint
+
+from cxrjax.data import pipeline
 
 
 class CheckpointError(RuntimeError):
     """A workdir whose checkpoints cannot be resumed by this config."""
-
-
-class IteratorSnapshot:
-    """The iterator state as of `save()`: async saving must not read a state the loop has moved past."""
-
-    def __init__(self, iterator):
-        state = iterator.get_state()
-        # grain's handler writes a non-DatasetIterator's state as bytes; a dict becomes the same JSON
-        # a DatasetIterator's would, so restoring into the live iterator reads it back as a dict.
-        self._state = json.dumps(state, indent=4).encode() if isinstance(state, dict) else state
-
-    def get_state(self):
-        return self._state
 
 
 class Checkpointer:
@@ -56,7 +44,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain_checkpoint.CheckpointSave(IteratorSnapshot(data_iterator)),
+                data=pipeline.checkpoint_args(data_iterator),
             ),
             force=force,
         )
@@ -68,7 +56,7 @@ class Checkpointer:
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
-                    data=grain_checkpoint.CheckpointRestore(data_iterator),
+                    data=pipeline.checkpoint_args(data_iterator, restore=True),
                 ),
             )
         except (ValueError, KeyError, TypeError) as e:
