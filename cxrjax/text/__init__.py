@@ -1,0 +1,1 @@
+"""Report text: tokenizer trained on the report corpus."""
