@@ -156,6 +156,7 @@ def bench_cxrjax(args, size: int) -> dict:
 
     from cxrjax.data import pipeline
     from cxrjax.train import contrastive as ct
+    from cxrjax.train import mesh as mesh_lib
 
     if args.patch == "maxpool_slices":
         from cxrjax.models import resnet
@@ -166,7 +167,7 @@ def bench_cxrjax(args, size: int) -> dict:
     setup = ct.build_training(config, mesh, config.total_steps)  # exactly the trainer's state and step
     state, train_step = setup.state, setup.train_step
     del setup
-    batch_sharding = pipeline.batch_sharding(mesh)
+    batch_sharding = pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)  # as the trainer's iterator
     batch = jax.device_put(make_batch(args.batch, size), batch_sharding)
 
     t = time.perf_counter()

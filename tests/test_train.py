@@ -89,13 +89,21 @@ def test_kill_minus_9_and_resume_is_bitwise_identical(tmp_path, phantom_dir):
 
 @pytest.mark.slow
 def test_same_losses_on_1_and_8_devices(tmp_path, phantom_dir):
+    """1 device, 8 devices on `data` (queue split 8 ways along K), and data=2 x fsdp=2 x model=2 (batch
+    over data x fsdp, queue over data): the same losses up to float rounding."""
     steps = ["--config.total_steps=3", "--config.checkpoint_every=100"]
     _run(_cmd(tmp_path / "one", phantom_dir, *steps), devices=1)
     _run(_cmd(tmp_path / "eight", phantom_dir, *steps), devices=8)
-    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    _run(_cmd(tmp_path / "mixed", phantom_dir, *steps, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+              "--config.mesh.model=2"), devices=8)
+    one = _losses(tmp_path / "one")
     assert sorted(one) == [1, 2, 3]
-    for s in one:
-        assert abs(one[s] - eight[s]) < 1e-4 * max(1.0, abs(one[s])), (s, one[s], eight[s])
+    for other in ("eight", "mixed"):
+        losses = _losses(tmp_path / other)
+        for s in one:
+            assert abs(one[s] - losses[s]) < 1e-4 * max(1.0, abs(one[s])), (other, s, one[s], losses[s])
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())  # the full resolved config
+    assert config["mesh"] == {"data": 2, "fsdp": 2, "model": 2} and config["job"] == "moco"
 
 
 @pytest.mark.slow
@@ -123,6 +131,23 @@ def test_config_errors_are_clear(tmp_path, phantom_dir):
     assert r.returncode != 0 and "import_torchvision" in r.stderr
 
 
+def test_unknown_job_and_bad_mesh_are_clear(tmp_path, phantom_dir):
+    cfg = tmp_path / "job.py"
+    cfg.write_text("from cxrjax.train.contrastive import default_config\n"
+                   "def get_config():\n    c = default_config()\n    c.job = 'simclr'\n    return c\n")
+    r = _run([sys.executable, "-m", "cxrjax.main", f"--config={cfg}", f"--workdir={tmp_path / 'a'}"], check=False)
+    assert r.returncode != 0 and "config.job='simclr'" in r.stderr and "'mvlm'" in r.stderr
+    r = _run(_cmd(tmp_path / "b", phantom_dir, "--config.mesh.data=3"), devices=2, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "config.mesh={'data': 3, 'fsdp': 1, 'model': 1} has 3 devices but 2 are visible" in r.stderr
+    # config.job='mvlm' goes to cxrjax.train.mvlm (imported only then), with the same one-line errors.
+    r = _run([sys.executable, "-m", "cxrjax.main", f"--config={REPO / 'configs' / 'mvlm_paired.py'}:demo",
+              f"--workdir={tmp_path / 'm'}", f"--config.data.dir={tmp_path / 'nowhere'}"], check=False)
+    assert r.returncode != 0 and "holds no prepared data" in r.stderr and "Traceback" not in r.stderr
+    r = _run(_cmd(tmp_path / "c", phantom_dir, "--num_processes=2"), check=False)
+    assert r.returncode != 0 and "missing: coordinator address" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_incompatible_workdir_is_refused(tmp_path, phantom_dir):
     work = tmp_path / "w"
@@ -131,3 +156,4 @@ def test_incompatible_workdir_is_refused(tmp_path, phantom_dir):
     assert r.returncode != 0 and "different setup" in r.stderr and "arch" in r.stderr
     run = json.loads((work / "run.json").read_text())
     assert run["arch"] == "resnet18"
+    assert json.loads((work / "config.json").read_text())["model"]["arch"] == "resnet18"  # not the refused one

@@ -2,8 +2,10 @@
 
 `train_and_evaluate(config, workdir)` reads top to bottom: mesh -> data -> model -> optimizer ->
 train state -> sharded step -> resume -> loop (metrics, checkpoints, NaN guard). The step is one
-`jax.jit` with explicit shardings (batch over the mesh's `data` axis, state replicated), the state
-donated, and nothing leaves the device except the metrics on logging steps.
+`jax.jit` with explicit shardings (`train/mesh.py`: batch over the ('data', 'fsdp') mesh axes, the
+ResNet's parameters replicated, the MoCo queue split over `data` along K), the state donated, and
+nothing leaves the device except the metrics on logging steps. Multi-process runs: every process runs
+this; each reads its own slice of the records, process 0 alone writes logs and files.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cxrjax import distributed
 from cxrjax.data import augment as augment_lib
 from cxrjax.data import pipeline
 from cxrjax.models import moco
 from cxrjax.train import checkpoint as ckpt_lib
+from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
 
 # Peak dense bf16 TFLOP/s per device for the MFU metric (device_kind prefix -> peak); CPU has none.
@@ -90,7 +94,8 @@ def default_config():
         name="adam", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,  # MedAug: Adam 1e-4, wd 1e-4
         schedule="constant", warmup_steps=0, scale_by_batch=False,
     ))
-    c.mesh = mlc.ConfigDict(dict(data=-1))
+    # ('data', 'fsdp', 'model') device mesh; -1 = the remaining devices (train/mesh.py, docs/scaling.md).
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
     return c
 
 
@@ -123,12 +128,8 @@ def apply_variants(c, arg: str | None):
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-    n = jax.device_count()
-    data = config.mesh.data if config.mesh.data > 0 else n
-    if data != n:
-        raise ValueError(f"config.mesh.data={config.mesh.data} but {n} devices are visible; use -1 for all")
-    # Auto axes: XLA propagates shardings through the model (jax 0.10 defaults to Explicit axes).
-    return jax.make_mesh((data,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The ('data', 'fsdp', 'model') mesh of `config.mesh` over all devices of all processes."""
+    return mesh_lib.make_mesh(config.mesh)
 
 
 def prepared_data_dir(config, note) -> str:
@@ -150,6 +151,7 @@ def prepared_data_dir(config, note) -> str:
 
         if jax.process_index() == 0:
             prepare.prepare_dataset("phantom", d, patients=ph.patients, size=ph.size, seed=ph.seed, progress=True)
+    distributed.barrier("cxrjax: phantom prepared")  # the others read what process 0 wrote
     return str(d)
 
 
@@ -265,6 +267,13 @@ def make_train_step(config, q_graph, k_graph, tx, schedule):
     return train_step
 
 
+def state_shardings(abstract: TrainState, mesh) -> TrainState:
+    """Where each array of the MoCo state lives: parameters and optimizer state by their logical axis
+    names (the ResNet has none: replicated, it is small), the queue split along K over `data`."""
+    shardings = mesh_lib.state_sharding(abstract, mesh)
+    return shardings.replace(queue=mesh_lib.sharded_along_first(abstract.queue, mesh, "data"))
+
+
 @dataclasses.dataclass
 class Training:
     """The initial train state, its shapes and shardings, and the jitted (not yet compiled) step."""
@@ -276,8 +285,11 @@ class Training:
 
 
 def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Training:
-    """Encoders -> optimizer -> replicated initial state -> `jax.jit` step with explicit shardings and
-    the state donated (shared by the trainer and benchmarks/train_bench.py, so both run one step)."""
+    """Encoders -> optimizer -> sharded initial state -> `jax.jit` step with explicit shardings and
+    the state donated (shared by the trainer and benchmarks, so all run the same step).
+
+    Shardings (train/mesh.py): parameters by their logical axis names (the ResNet has none: replicated),
+    the queue split over `data` along K, the batch over ('data', 'fsdp')."""
     replicated = NamedSharding(mesh, P())
     query, key = build_encoders(config, note)
     q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
@@ -294,10 +306,10 @@ def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Train
         )
 
     abstract = jax.eval_shape(init_state)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    state_sharding = state_shardings(abstract, mesh)
     state = jax.jit(init_state, out_shardings=state_sharding)()
     step_fn = make_train_step(config, q_graph, k_graph, tx, schedule)
-    train_step = jax.jit(step_fn, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+    train_step = jax.jit(step_fn, in_shardings=(state_sharding, pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return Training(state, abstract, state_sharding, train_step)
 
@@ -321,6 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     note("Creating mesh ...")
     mesh = make_mesh(config)
+    note(mesh_lib.describe(mesh))
 
     note("Creating input pipeline ...")
     data_dir = prepared_data_dir(config, note)
@@ -332,6 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     total_steps = config.total_steps if config.total_steps > 0 else config.epochs * steps_per_epoch
     if config.moco.queue_size % config.batch_size:
         raise ValueError(f"moco.queue_size {config.moco.queue_size} must be a multiple of batch_size {config.batch_size}")
+    mesh_lib.batch_size_per_shard(config.batch_size, mesh)
     if config.moco.shuffle_bn and config.batch_size % config.moco.shuffle_bn_groups:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of moco.shuffle_bn_groups "
                          f"{config.moco.shuffle_bn_groups}")
@@ -341,8 +355,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, abstract, state_sharding, train_step = setup.state, setup.abstract, setup.state_sharding, setup.train_step
 
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir))
+    ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
-    iterator = pipeline.make_iterator(pcfg, mesh, data=data)
+    iterator = pipeline.make_iterator(pcfg, mesh, data=data, axis=mesh_lib.BATCH_AXES)
     logger = None
     try:
         start = checkpointer.latest_step() or 0
@@ -351,9 +366,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return {}
         if start:
             note(f"Resuming from {checkpointer.directory}/{start} ...")
-            abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            abstract, state_sharding)
-            state = checkpointer.restore(start, abstract_sharded, iterator)
+            # Into this run's shardings, whatever mesh wrote the checkpoint (Orbax reshards).
+            state = checkpointer.restore(start, mesh_lib.with_shardings(abstract, state_sharding), iterator)
 
         first = next(iterator)
         compiled = train_step.lower(state, first).compile()
