@@ -1,0 +1,184 @@
+r"""Export image embeddings of a prepared data set for downstream notebooks (pandas / polars).
+
+    python -m cxrjax.export --checkpoint=runs/demo --data=data/phantom --out=embeddings.parquet --size=56
+    python -m cxrjax.export --checkpoint=runs/medaug/40000 --data=data/chexpert --out=emb/ --format=npy
+    python -m cxrjax.export --init=random --width=16 --data=data/phantom --out=random.parquet --size=56
+
+One row per image, in table order within each split: `row` (the table.parquet row), the canonical metadata
+columns (image_id, patient_id, study_id, study_order, view, laterality, split, source, the 14 labels) and
+`embedding` (a fixed-size list of float32). `--format=npy` writes OUT/embeddings.npy (n, d) +
+OUT/metadata.parquet (same rows, same order) for sets too large for one parquet column.
+
+Pseudonymisation (default): patient_id, study_id and image_id are replaced by a salted hash
+(HMAC-SHA256, 16 hex digits) and `path` and report text are left out (paths and ids embed the
+dataset's patient numbers). The salt is --salt, or the one in OUT.salt.txt from an earlier export, or a new
+random one written there (never into the exported table): keep it private, reuse it to get the same
+pseudonyms across exports. `--raw_ids` keeps the original ids and path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+
+from cxrjax.data import schema
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A cxrjax MoCo run: WORKDIR (latest step) or WORKDIR/STEP.")
+_INIT = flags.DEFINE_enum("init", "checkpoint", ["checkpoint", "imagenet", "random"], "Where the encoder comes from.")
+_WEIGHTS = flags.DEFINE_string("weights", "", "--init=imagenet: weights from cxrjax.tools.import_torchvision.")
+_ARCH = flags.DEFINE_string("arch", "resnet18", "--init=imagenet/random: architecture.")
+_WIDTH = flags.DEFINE_integer("width", 64, "--init=imagenet/random: ResNet width (64 = torchvision).")
+_SEED = flags.DEFINE_integer("seed", 0, "--init=random: init seed.")
+_DATA = flags.DEFINE_string("data", None, "Prepared data folder (python -m cxrjax.prepare --out=...).")
+_SPLITS = flags.DEFINE_list("splits", ["train", "valid", "test"], "Splits to export (those present).")
+_OUT = flags.DEFINE_string("out", None, "embeddings.parquet, or a folder with --format=npy.")
+_FORMAT = flags.DEFINE_enum("format", "parquet", ["parquet", "npy"], "One parquet, or embeddings.npy + metadata.parquet.")
+_OUTPUT = flags.DEFINE_enum("output", "backbone", ["backbone", "head"], "Pooled backbone features or the MoCo embedding.")
+_SIZE = flags.DEFINE_integer("size", 0, "Eval image size (px); 0 = the run's training size from its config.json.")
+_EVAL_CROP = flags.DEFINE_float("eval_crop", 1.0, "Central fraction kept by the eval transform.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (a multiple of the devices).")
+_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decoding processes (0 = threads of this process).")
+_RAW_IDS = flags.DEFINE_boolean("raw_ids", False, "Keep the raw patient/study/image ids and paths (no pseudonyms).")
+_SALT = flags.DEFINE_string("salt", "", "Pseudonymisation salt (default: OUT.salt.txt, created if absent).")
+flags.mark_flags_as_required(["data", "out"])
+
+ID_COLUMNS = ("patient_id", "study_id", "image_id")  # pseudonymised unless --raw_ids
+METADATA = ("image_id", "patient_id", "study_id", "study_order", "view", "laterality", "split", "source",
+            *schema.CHEXPERT_LABELS)
+
+
+def pseudonym(values: pd.Series, salt: str) -> pd.Series:
+    """HMAC-SHA256(salt, id) -> 16 hex digits; the same id and salt give the same pseudonym."""
+    key = salt.encode()
+    return values.astype(str).map(lambda v: hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:16])
+
+
+def salt_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out / "salt.txt" if out.suffix == "" else out.with_name(out.name + ".salt.txt")
+
+
+def resolve_salt(out: str | os.PathLike, salt: str = "") -> str:
+    """--salt, else the salt of an earlier export beside OUT, else a new random one saved there (0600)."""
+    if salt:
+        return salt
+    path = salt_path(out)
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new + "\n")
+    return new
+
+
+def metadata_frame(table: pd.DataFrame, rows: np.ndarray, *, raw_ids: bool, salt: str) -> pd.DataFrame:
+    cols = [c for c in METADATA if c in table.columns] + (["path"] if raw_ids else [])
+    meta = table.iloc[rows][cols].reset_index(drop=True)
+    if not raw_ids:
+        for c in ID_COLUMNS:
+            meta[c] = pseudonym(meta[c], salt)
+    meta.insert(0, "row", rows.astype(np.int64))
+    return meta
+
+
+def export_embeddings(encoder, data_dir: str, out: str, *, mesh, augment, splits=("train", "valid", "test"),
+                      fmt: str = "parquet", output: str = "backbone", raw_ids: bool = False, salt: str = "",
+                      batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Embeddings of every image of `splits` (those present) -> OUT; returns the metadata frame written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxrjax.eval import features
+
+    if fmt not in ("parquet", "npy"):
+        raise ValueError(f"format {fmt!r}; expected 'parquet' or 'npy'")
+    table = pd.read_parquet(Path(data_dir) / "table.parquet")
+    present = [s for s in splits if (table["split"] == s).any()]
+    if not present:
+        raise ValueError(f"{data_dir}/table.parquet has none of the splits {list(splits)} "
+                         f"(it has {sorted(table['split'].unique())})")
+    salt = "" if raw_ids else resolve_salt(out, salt)
+    vecs, rows = [], []
+    for split in present:
+        x, r = features.extract_features(encoder, data_dir, split, augment, mesh=mesh, batch_size=batch_size,
+                                         output=output, num_workers=num_workers, progress=progress)
+        vecs.append(x)
+        rows.append(r)
+    vecs, rows = np.concatenate(vecs), np.concatenate(rows)
+    meta = metadata_frame(table, rows, raw_ids=raw_ids, salt=salt)
+    out = Path(out)
+    provenance = {"encoder": json.dumps(encoder.source), "data": str(Path(data_dir).resolve()), "output": output,
+                  "size": str(augment.size), "pseudonymised": str(not raw_ids)}
+    if fmt == "npy":
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "embeddings.npy", vecs)
+        t = pa.Table.from_pandas(meta, preserve_index=False)
+        pq.write_table(t.replace_schema_metadata({**(t.schema.metadata or {}), **provenance}), out / "metadata.parquet")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t = pa.Table.from_pandas(meta, preserve_index=False)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+        t = t.append_column("embedding", emb)
+        pq.write_table(t.replace_schema_metadata({**(t.schema.metadata or {}), **provenance}), out)
+    return meta
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from cxrjax.eval import features
+
+    features.tune_xla_cpu()  # before JAX creates its backend
+    import jax
+
+    from cxrjax.data import augment as augment_lib
+    from cxrjax.train import contrastive
+
+    try:
+        if not (Path(_DATA.value) / "table.parquet").is_file():
+            raise FileNotFoundError(f"--data={_DATA.value} holds no table.parquet; prepare it with "
+                                    f"python -m cxrjax.prepare --out={_DATA.value}")
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        if _INIT.value == "checkpoint":
+            if not _CHECKPOINT.value:
+                raise ValueError("--checkpoint=WORKDIR[/STEP] is required (or --init=random / imagenet)")
+            encoder = features.restore_encoder(_CHECKPOINT.value, mesh)
+        else:
+            model = contrastive.default_config().model
+            model.update(arch=_ARCH.value, width=_WIDTH.value)
+            encoder = features.build_encoder(model, _INIT.value, weights=_WEIGHTS.value, seed=_SEED.value, mesh=mesh)
+        size = _SIZE.value
+        if size <= 0:
+            saved = Path(encoder.source.get("checkpoint", "")) / "config.json"
+            if not saved.is_file():
+                raise ValueError("--size is required: the run has no config.json with its training size")
+            size = int(json.loads(saved.read_text())["augment"]["size"])
+        aug = augment_lib.AugmentConfig(size=size, eval_crop=_EVAL_CROP.value)
+        meta = export_embeddings(encoder, _DATA.value, _OUT.value, mesh=mesh, augment=aug, splits=tuple(_SPLITS.value),
+                                 fmt=_FORMAT.value, output=_OUTPUT.value, raw_ids=_RAW_IDS.value, salt=_SALT.value,
+                                 batch_size=_BATCH.value, num_workers=_WORKERS.value)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cxrjax.export: error: {e}") from None
+    where = _OUT.value if _FORMAT.value == "parquet" else f"{_OUT.value}/embeddings.npy + metadata.parquet"
+    ids = "raw ids" if _RAW_IDS.value else f"pseudonymised ids (salt in {salt_path(_OUT.value)})"
+    print(f"wrote {len(meta)} embeddings to {where} ({ids})")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
