@@ -1,0 +1,204 @@
+"""Vision Transformer pieces in Flax NNX: patch embedding (optionally a convolutional stem) and a
+pre-LN transformer encoder, with logical sharding names on every large parameter.
+
+Logical axis names (mapped to mesh axes by the trainer's rules; see `cxrjax.train.mesh.RULES`):
+    'embed' hidden size, 'mlp' MLP hidden, 'heads' attention heads, 'kv' head dim,
+    'patch' flattened patch pixels, 'vocab' vocabulary; None = never sharded.
+Biases and LayerNorm parameters carry no annotation (replicated: they are small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# (hidden, depth, heads, mlp): ViT-S/B/L of Dosovitskiy et al. / DeiT; `tiny` for CPU demos, `micro` for tests.
+SIZES = {
+    "micro": (32, 2, 2, 64),
+    "tiny": (64, 4, 4, 256),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+}
+
+dense_init = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def partitioned(init, names):
+    return nnx.with_partitioning(init, names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    size: str = "base"
+    image_size: int = 224
+    patch: int = 16
+    channels: int = 1
+    stem: str = "none"  # 'none' (linear patch embedding) or 'conv' (early convolutions, Xiao et al. 2021)
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"ViTConfig: size {self.size!r}; expected one of {sorted(SIZES)}")
+        if self.image_size % self.patch:
+            raise ValueError(f"ViTConfig: image_size {self.image_size} is not a multiple of patch {self.patch}")
+        if self.stem not in ("none", "conv"):
+            raise ValueError(f"ViTConfig: stem {self.stem!r}; expected 'none' or 'conv'")
+        if self.stem == "conv" and (self.patch & (self.patch - 1) or self.patch < 2):
+            raise ValueError(f"ViTConfig: the conv stem needs a power-of-two patch, got {self.patch}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ViTConfig: dtype {self.dtype!r}; expected 'float32' or 'bfloat16'")
+
+    @property
+    def hidden(self) -> int:
+        return SIZES[self.size][0]
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+    @property
+    def compute_dtype(self):
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """(B, H, W, C) -> (B, N, patch*patch*C), patches in row-major grid order."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, channels: int = 1) -> jax.Array:
+    """(B, N, patch*patch*C) -> (B, H, W, C) for a square grid."""
+    b, n, _ = patches.shape
+    g = int(round(math.sqrt(n)))
+    x = patches.reshape(b, g, g, patch, patch, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * patch, g * patch, channels)
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embeddings (MAE), (grid*grid, dim) float32."""
+    if dim % 4:
+        raise ValueError(f"sincos position embeddings need a hidden size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        out = pos[:, None] * omega[None]
+        parts += [np.sin(out), np.cos(out)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+class PatchEmbed(nnx.Module):
+    """Image -> patch tokens: a linear map of flattened patches, or early convolutions (stride-2 3x3
+    convolutions down to the patch grid, then a 1x1 projection)."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, dt = cfg.hidden, cfg.compute_dtype
+        if cfg.stem == "none":
+            self.proj = nnx.Linear(cfg.patch_dim, d, dtype=dt, rngs=rngs,
+                                   kernel_init=partitioned(nnx.initializers.xavier_uniform(), ("patch", "embed")))
+            self.convs = nnx.List([])
+        else:
+            n = int(math.log2(cfg.patch))
+            widths = [min(d, 32 * 2**i) for i in range(n)]
+            convs, cin = [], cfg.channels
+            for w in widths:
+                convs.append(nnx.Conv(cin, w, (3, 3), strides=(2, 2), padding="SAME", dtype=dt, rngs=rngs,
+                                      kernel_init=partitioned(nnx.initializers.he_normal(), (None, None, None, None))))
+                cin = w
+            self.convs = nnx.List(convs)
+            self.norms = nnx.List([nnx.LayerNorm(w, dtype=dt, rngs=rngs) for w in widths])
+            self.proj = nnx.Linear(cin, d, dtype=dt, rngs=rngs,
+                                   kernel_init=partitioned(nnx.initializers.xavier_uniform(), (None, "embed")))
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """(B, S, S, C) float -> (B, N, hidden)."""
+        if self.cfg.stem == "none":
+            return self.proj(patchify(images, self.cfg.patch))
+        x = images
+        for conv, norm in zip(self.convs, self.norms):
+            x = jax.nn.relu(norm(conv(x)))
+        b, g, _, c = x.shape
+        return self.proj(x.reshape(b, g * g, c))
+
+
+class Attention(nnx.Module):
+    def __init__(self, hidden: int, heads: int, dtype, *, rngs: nnx.Rngs):
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        kv = hidden // heads
+        init = partitioned(dense_init, ("embed", "heads", "kv"))
+        self.q = nnx.Param(init(rngs.params(), (hidden, heads, kv)))
+        self.k = nnx.Param(init(rngs.params(), (hidden, heads, kv)))
+        self.v = nnx.Param(init(rngs.params(), (hidden, heads, kv)))
+        self.qkv_bias = nnx.Param(jnp.zeros((3, heads, kv)))
+        self.out = nnx.Param(partitioned(dense_init, ("heads", "kv", "embed"))(rngs.params(), (heads, kv, hidden)))
+        self.out_bias = nnx.Param(jnp.zeros((hidden,)))
+        self.dtype, self.scale = dtype, 1.0 / math.sqrt(kv)
+
+    def __call__(self, x: jax.Array, key_valid: jax.Array) -> jax.Array:
+        """x (B, T, D); key_valid (B, T) bool: which tokens may be attended to."""
+        dt = self.dtype
+        b = self.qkv_bias[...].astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt)) + b[0]
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt)) + b[1]
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt)) + b[2]
+        logits = jnp.einsum("bqhk,bthk->bhqt", q, k).astype(jnp.float32) * self.scale
+        logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
+        y = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+        return jnp.einsum("bqhk,hkd->bqd", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+class MLP(nnx.Module):
+    def __init__(self, hidden: int, mlp: int, dtype, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(hidden, mlp, dtype=dtype, rngs=rngs, kernel_init=partitioned(dense_init, ("embed", "mlp")))
+        self.fc2 = nnx.Linear(mlp, hidden, dtype=dtype, rngs=rngs, kernel_init=partitioned(dense_init, ("mlp", "embed")))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+    def __init__(self, hidden: int, heads: int, mlp: int, dtype, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.attn = Attention(hidden, heads, dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(hidden, mlp, dtype, rngs=rngs)
+
+    def __call__(self, x, key_valid):
+        x = x + self.attn(self.norm1(x), key_valid)
+        return x + self.mlp(self.norm2(x))
+
+
+class Encoder(nnx.Module):
+    """`depth` pre-LN blocks and a final LayerNorm."""
+
+    def __init__(self, size: str, dtype, *, rngs: nnx.Rngs):
+        hidden, depth, heads, mlp = SIZES[size]
+        self.blocks = nnx.List([Block(hidden, heads, mlp, dtype, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, key_valid):
+        for block in self.blocks:
+            x = block(x, key_valid)
+        return self.norm(x)

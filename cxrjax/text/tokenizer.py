@@ -1,0 +1,94 @@
+"""The report tokenizer: a lower-cased WordPiece trained on the run's training reports only.
+
+Trained with Hugging Face `tokenizers` (no model hub involved), saved as `tokenizer.json` in the run's
+workdir and loaded from there on resume and by the eval jobs, so a checkpoint always travels with
+the vocabulary it was trained with. Special tokens have fixed ids:
+
+    [PAD]=0  [CLS]=1  [SEP]=2  [MASK]=3  [UNK]=4
+
+Reports are encoded without special tokens (the masked vision-language model owns the single [CLS]
+of the joint sequence) followed by one [SEP], truncated to `max_len`, padded with [PAD].
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
+PAD_ID, CLS_ID, SEP_ID, MASK_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+FILENAME = "tokenizer.json"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+    """A lower-cased WordPiece (BERT normalisation, whitespace + punctuation split) fitted on `texts`."""
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("train_tokenizer: no non-empty report text to train on (does the split have reports?)")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=True,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # Every lower-case ASCII character, word-initial and continuing, is a piece: any ASCII report
+    # round-trips without [UNK] (adds at most 2 x 68 entries to the vocabulary).
+    vocab = tok.get_vocab()
+    for c in string.ascii_lowercase + string.digits + string.punctuation:
+        for piece in (c, "##" + c):
+            vocab.setdefault(piece, len(vocab))
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    for i, s in enumerate(SPECIAL_TOKENS):  # the trainer puts special tokens first; the model relies on it
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"tokenizers placed {s} at id {tok.token_to_id(s)}, expected {i}")
+    return tok
+
+
+def save(tok: Tokenizer, directory: str | Path) -> Path:
+    path = Path(directory) / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def load(directory_or_file: str | Path) -> Tokenizer:
+    """The tokenizer saved with a run (`WORKDIR/tokenizer.json`), offline."""
+    path = Path(directory_or_file)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the tokenizer is written to the run's workdir when a masked "
+                                "vision-language run starts; pass that workdir (or its tokenizer.json)")
+    tok = Tokenizer.from_file(str(path))
+    for i, s in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(s) != i:
+            raise ValueError(f"{path}: special token {s} has id {tok.token_to_id(s)}, expected {i} "
+                             "(not a cxrjax report tokenizer)")
+    return tok
+
+
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reports -> (ids int32 (N, max_len), valid bool (N, max_len)): word pieces + [SEP], truncated, padded."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    ids = np.full((len(texts), max_len), PAD_ID, np.int32)
+    for i, enc in enumerate(tok.encode_batch(list(texts), add_special_tokens=False)):
+        pieces = enc.ids[: max_len - 1] + [SEP_ID]
+        ids[i, : len(pieces)] = pieces
+    return ids, ids != PAD_ID
+
+
+def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
+    """Token ids -> text; special tokens ([PAD], [SEP], ...) are dropped."""
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def normalized(tok: Tokenizer, text: str) -> str:
+    """What a round trip through the tokenizer preserves: the normalised text, words re-joined."""
+    return tok.decoder.decode([w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))])

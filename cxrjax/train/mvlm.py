@@ -1,0 +1,358 @@
+"""Masked vision-language pre-training (Wang et al. 2021) on mixed paired / unpaired image-report data.
+
+`train_and_evaluate(config, workdir)` reads top to bottom: mesh -> data + tokenizer -> model ->
+shardings -> optimizer -> train state -> sharded step -> resume -> loop. The step is one `jax.jit`
+with explicit shardings (batch over the mesh's data axes; parameters by their logical axis names,
+replicated on a data-only mesh), the state donated; nothing leaves the device except the metrics
+on logging steps. Conventions (workdir layout, resume, NaN guard, metrics) are those of the MoCo
+trainer, `cxrjax.train.contrastive`, whose pieces are reused.
+
+The workdir holds, besides checkpoints/metrics: `tokenizer.json` (trained on the training split's
+report text at the first start, loaded on resume) and `config.json` (read by the eval jobs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cxrjax.data import vl_pipeline
+from cxrjax.models import mvlm, vit
+from cxrjax.text import tokenizer as tok_lib
+from cxrjax.train import checkpoint as ckpt_lib
+from cxrjax.train import contrastive
+from cxrjax.train import mesh as mesh_lib
+from cxrjax.train import metrics as metrics_lib
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    first_bad_step: jax.Array  # -1 while every loss so far was finite
+
+
+# ----------------------------------------------------------------------------------------------
+# The config
+
+
+def default_config():
+    """All keys of a masked vision-language run (ViT-B/16, 224 px); configs/mvlm_*.py start from this."""
+    import ml_collections as mlc
+
+    c = mlc.ConfigDict()
+    c.job = "mvlm"
+    c.seed = 0
+    c.batch_size = 64
+    c.total_steps = 100_000
+    c.log_every = 50
+    c.checkpoint_every = 2000
+    c.keep_checkpoints = 3
+    c.data = mlc.ConfigDict(dict(
+        dir="", name=mlc.FieldReference(None, field_type=str), split="train",
+        shares={"paired": 1.0},  # fraction of each batch per kind: paired / image / text
+        paired_fraction=1.0,  # patients of the train split whose images come with their reports
+        text_source="records",  # 'records' (unpaired patients' reports) or 'reports' (reports.parquet)
+        num_workers=-1, read_threads=2, device_prefetch=2, max_corrupt=100,
+    ))
+    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
+    # Mild geometry only: the report describes sides ("right pleural effusion"), so no flips.
+    c.augment = mlc.ConfigDict(dict(
+        size=224, crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation=5.0, hflip_prob=0.0,
+        brightness=0.0, contrast=0.0, jitter_prob=0.0, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
+    ))
+    c.model = mlc.ConfigDict(dict(size="base", patch=16, stem="none", dtype="float32", proj_dim=256, norm_pix=True))
+    c.text = mlc.ConfigDict(dict(vocab_size=8000, max_len=128, min_frequency=2))
+    c.mask = mlc.ConfigDict(dict(image_ratio=0.5, scales=(1, 2, 4), text_prob=0.15, text_mask_frac=0.8,
+                                 text_random_frac=0.1))
+    c.loss = mlc.ConfigDict(dict(mlm=1.0, mvm=1.0, itc=0.5))  # itc: image-report contrastive on paired rows
+    c.optim = mlc.ConfigDict(dict(lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95, warmup_steps=2000, clip_norm=1.0))
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))  # train/mesh.py; --config.mesh.fsdp=N for FSDP
+    c.eval = mlc.ConfigDict(dict(split="test", label="Pleural Effusion", batch_size=64))
+    return c
+
+
+def apply_variants(c, arg: str | None):
+    """`:variant` options (comma-separated): demo (phantom, minutes on CPU), bf16, conv (CNN stem),
+    small / large (ViT-S/16, ViT-L/16)."""
+    for v in filter(None, (arg or "").split(",")):
+        if v == "demo":
+            c.data.dir = ""
+            c.phantom.patients, c.phantom.size = 400, 64
+            c.augment.size = 64
+            c.model.update(size="tiny", patch=8, proj_dim=64)
+            c.text.update(vocab_size=1000, max_len=64)  # the phantom's reports: ~60 word pieces
+            c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 200, 25, 100
+            c.optim.update(lr=1e-3, warmup_steps=30, weight_decay=0.05)
+            c.data.num_workers = 0
+            c.eval.batch_size = 32
+        elif v == "bf16":
+            c.model.dtype = "bfloat16"
+        elif v == "conv":
+            c.model.stem = "conv"
+        elif v in ("small", "large"):
+            c.model.size = v
+        else:
+            raise ValueError(f"unknown config variant {v!r}; known: demo, bf16, conv, small, large")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def model_config(config, vocab_size: int) -> mvlm.MVLMConfig:
+    m = config.model
+    return mvlm.MVLMConfig(
+        vit=vit.ViTConfig(size=m.size, image_size=config.augment.size, patch=m.patch, channels=1, stem=m.stem,
+                          dtype=m.dtype),
+        vocab_size=vocab_size, max_len=config.text.max_len, proj_dim=m.proj_dim if config.loss.itc > 0 else 0,
+        norm_pix=m.norm_pix)
+
+
+def load_or_train_tokenizer(config, vl_cfg, workdir, note):
+    path = Path(workdir) / tok_lib.FILENAME
+    if path.is_file():
+        return tok_lib.load(path)
+    note(f"Training the report tokenizer (WordPiece, vocab <= {config.text.vocab_size}) on the training reports ...")
+    tok = tok_lib.train_tokenizer(vl_pipeline.tokenizer_corpus(vl_cfg), config.text.vocab_size,
+                                  config.text.min_frequency)
+    if jax.process_index() == 0:
+        tok_lib.save(tok, workdir)
+    return tok
+
+
+def optimizer(config, total_steps: int):
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, min(o.warmup_steps, total_steps - 1), total_steps)
+
+    def decay_mask(params):  # no weight decay on biases, norms, embeddings of types/positions (ViT/BERT)
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def make_train_step(config, graphdef, tx, schedule, num_paired: int):
+    """The pure step: one joint masked pass (+ clean single-modality passes of the paired rows for ITC)."""
+    w = config.loss
+    patch, norm_pix, num_scales = config.model.patch, config.model.norm_pix, len(config.mask.scales)
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        text_valid = batch["text_valid"] & batch["text_present"][:, None]
+        image, present, patch_mask, ids = batch["image"], batch["image_present"], batch["patch_mask"], batch["text_ids"]
+        b = image.shape[0]
+        itc = w.itc > 0 and num_paired > 1
+        if itc:
+            # The clean single-modality passes of the paired rows (paired rows come first in every batch)
+            # ride in the same encoder call as extra rows: one pass, one large matmul per layer.
+            p = slice(0, num_paired)
+            clean_ids = jnp.where(batch["text_labels"][p] >= 0, batch["text_labels"][p], ids[p])
+            no = jnp.zeros((num_paired,), bool)
+            image = jnp.concatenate([image, image[p], jnp.zeros_like(image[p])])
+            present = jnp.concatenate([present, ~no, no])
+            patch_mask = jnp.concatenate([patch_mask, jnp.zeros_like(patch_mask[p]), jnp.zeros_like(patch_mask[p])])
+            ids = jnp.concatenate([ids, jnp.zeros_like(ids[p]), clean_ids])
+            text_valid = jnp.concatenate([text_valid, jnp.zeros_like(text_valid[p]), text_valid[p]])
+        img_states, txt_states = model(image, present, patch_mask, ids, text_valid)
+        l_mvm, metrics = mvlm.mvm_loss(model.regenerate(img_states[:b]), patch_targets(batch["image"]),
+                                       batch["patch_mask"], batch["image_present"], batch["mask_scale"], num_scales)
+        l_mlm, m = mlm_loss(model, txt_states[:b], batch["text_labels"])
+        metrics.update(m)
+        total = w.mlm * l_mlm + w.mvm * l_mvm
+        if itc:
+            img = model.image_proj(mvlm.pool_image(img_states[b : b + num_paired]))
+            txt = model.text_proj(mvlm.pool_text(txt_states[b + num_paired :], text_valid[b + num_paired :]))
+            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], batch["source"][:num_paired] == 0)
+            metrics.update(m)
+            total = total + w.itc * l_itc
+        metrics["loss"] = total
+        return total, metrics
+
+    def patch_targets(image):
+        return mvlm.patch_targets(image, patch, norm_pix)
+
+    def mlm_loss(model, states, labels):
+        return mvlm.mlm_loss(model.mlm_logits(states), labels)
+
+    def train_step(state: TrainState, batch: dict):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss)
+        first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step)
+        metrics.update(lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, first_bad_step=first_bad), metrics
+
+    return train_step
+
+
+@dataclasses.dataclass
+class Training:
+    """The model's graph, the initial train state, its shapes and shardings, and the jitted step."""
+
+    graphdef: object
+    state: TrainState
+    abstract: TrainState
+    state_sharding: TrainState
+    batch_sharding: NamedSharding
+    train_step: object
+
+
+def build_training(config, mesh, vocab_size: int, total_steps: int, num_paired: int) -> Training:
+    """Model -> shardings (logical names -> mesh) -> optimizer -> sharded initial state -> jitted step."""
+    mcfg = model_config(config, vocab_size)
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: mvlm.MVLM(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    p_sharding = mesh_lib.state_sharding(abstract_params, mesh)  # logical names -> mesh (train/mesh.py RULES)
+    tx, schedule = optimizer(config, total_steps)
+    replicated = NamedSharding(mesh, P())
+
+    def init_params():
+        # rbg keys: one compiled init program instead of a PRNG kernel per parameter shape
+        with nnx.use_eager_sharding(False):
+            model = mvlm.MVLM(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")))
+        return nnx.state(model, nnx.Param)
+
+    params = jax.jit(init_params, out_shardings=p_sharding)()
+    opt_state = jax.jit(tx.init)(params)  # moments follow the parameters' shardings (propagated by XLA)
+    # ... except leaves XLA put on one device (step counts): replicate those
+    o_sharding = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else replicated,
+                              opt_state)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                       first_bad_step=jnp.full((), -1, jnp.int32))
+    state = jax.device_put(state, TrainState(step=replicated, params=p_sharding, opt_state=o_sharding,
+                                             first_bad_step=replicated))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    step_fn = make_train_step(config, graphdef, tx, schedule, num_paired)
+    train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    return Training(graphdef, state, abstract, state_sharding, batch_sharding, train_step)
+
+
+def _fingerprint(config, data_dir: str, vocab_size: int) -> dict:
+    m = config.model
+    return {"job": "mvlm", "size": m.size, "patch": m.patch, "stem": m.stem, "image_size": config.augment.size,
+            "vocab_size": vocab_size, "max_len": config.text.max_len, "proj_dim": m.proj_dim if config.loss.itc > 0 else 0,
+            "batch_size": config.batch_size, "shares": dict(config.data.shares), "seed": config.seed,
+            "paired_fraction": config.data.paired_fraction, "text_source": config.data.text_source,
+            "data_dir": str(Path(data_dir).resolve()), "process_count": jax.process_count()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Run (or resume) a masked vision-language pre-training; returns the last logged metrics."""
+    workdir = str(Path(workdir).resolve())
+    note = metrics_lib.note
+    if config.total_steps <= 0:
+        raise ValueError("config.total_steps must be > 0 for the masked vision-language job")
+
+    note("Creating mesh ...")
+    mesh = contrastive.make_mesh(config)
+
+    note("Creating input pipeline and tokenizer ...")
+    data_dir = contrastive.prepared_data_dir(config, note)
+    vl_cfg = vl_pipeline.config_from_dict(config, data_dir)
+    counts = vl_cfg.counts()
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    tokenizer = load_or_train_tokenizer(config, vl_cfg, workdir, note)
+    vocab_size = tokenizer.get_vocab_size()
+    ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir, vocab_size))
+    if jax.process_index() == 0:
+        (Path(workdir) / "config.json").write_text(json.dumps({"config": config.to_dict(), "data_dir": data_dir},
+                                                              indent=1, default=list))
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start >= config.total_steps:
+        checkpointer.close()
+        note(f"{workdir} already holds the final step {start} of {config.total_steps}; nothing to do.")
+        return {}
+
+    note("Creating model and compiling the train step ...")
+    setup = build_training(config, mesh, vocab_size, config.total_steps, counts.get("paired", 0))
+    iterator = vl_pipeline.make_vl_iterator(vl_cfg, tokenizer, mesh, axis=mesh_lib.BATCH_AXES)
+    logger = None
+    try:
+        state = setup.state
+        if start:
+            note(f"Resuming from {checkpointer.directory}/{start} ...")
+            state = checkpointer.restore(start, setup.abstract, iterator)
+        first = next(iterator)
+        compiled = setup.train_step.lower(state, first).compile()
+        flops = contrastive._flops(compiled)
+        logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps, start_step=start)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        logger.note(f"{config.total_steps} steps, global batch {config.batch_size} ({counts}) on {jax.device_count()} "
+                    f"device(s); ViT-{config.model.size}/{config.model.patch}, {n_params / 1e6:.2f} M parameters, "
+                    f"vocab {vocab_size}; {flops / 1e9:.1f} GFLOP/step")
+        return contrastive._loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
+                                 total_steps=config.total_steps, steps_per_epoch=_steps_per_epoch(vl_cfg),
+                                 flops=flops, workdir=workdir)
+    finally:
+        checkpointer.close()
+        iterator.close()
+        if logger is not None:
+            logger.close()
+
+
+def _steps_per_epoch(vl_cfg) -> int:
+    """Steps for one pass over the largest stream (the `epoch` metric)."""
+    table = vl_pipeline.read_split_table(vl_cfg.pipeline.data_dir, vl_cfg.pipeline.split)
+    recs = vl_pipeline.source_records(table, vl_cfg.paired_fraction, vl_cfg.pipeline.seed)
+    return max(1, max(len(recs[k]) // n for k, n in vl_cfg.counts().items() if k != "text" or vl_cfg.text_source == "records"))
+
+
+# ----------------------------------------------------------------------------------------------
+# For the eval jobs
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(config, data_dir, tokenizer, model with the checkpoint's parameters, step) of a finished run."""
+    import ml_collections as mlc
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir).resolve()
+    cfg_path = workdir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: --checkpoint must be the workdir of a masked "
+                                "vision-language run (python -m cxrjax.main --config=configs/mvlm_*.py ...)")
+    saved = json.loads(cfg_path.read_text())
+    config = mlc.ConfigDict(saved["config"])
+    tokenizer = tok_lib.load(workdir)
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    mcfg = model_config(config, tokenizer.get_vocab_size())
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: mvlm.MVLM(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    tx, _ = optimizer(config, config.total_steps)
+    replicated = NamedSharding(mesh, P())
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=jax.eval_shape(tx.init, abstract_params),
+                          first_bad_step=jax.ShapeDtypeStruct((), jnp.int32))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    manager.close()
+    model = nnx.merge(graphdef, restored.params)
+    return config, saved["data_dir"], tokenizer, model, int(step)

@@ -1,0 +1,221 @@
+"""The masked vision-language model and its losses: modality isolation, masked-only losses,
+sharding annotations, and the same loss on 1 and 8 (simulated) devices."""
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from cxrjax.models import mvlm, vit
+from cxrjax.train import mvlm as train_mvlm
+
+S, PATCH, L, VOCAB = 32, 8, 16, 64
+N = (S // PATCH) ** 2
+
+
+def fast_model(proj_dim=16, seed=0):
+    """A tiny model filled from numpy (eager NNX init compiles a kernel per shape: slow on 2 cores)."""
+    cfg = mvlm.MVLMConfig(vit.ViTConfig(size="micro", image_size=S, patch=PATCH), vocab_size=VOCAB, max_len=L,
+                          proj_dim=proj_dim)
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: mvlm.MVLM(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model)
+    for path, var in nnx.to_flat_state(state):
+        val = np.ones(var.shape) if path[-1] == "scale" else rng.normal(size=var.shape) * 0.05
+        var.set_value(jnp.asarray(val, var.dtype))
+    nnx.update(model, state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fast_model()
+
+
+def random_batch(seed=0, b=4):
+    r = np.random.default_rng(seed)
+    return dict(
+        image=r.integers(0, 256, (b, S, S, 1)).astype(np.uint8),
+        image_present=np.array([True, True, False, True][:b]),
+        patch_mask=r.random((b, N)) < 0.5,
+        text_ids=r.integers(5, VOCAB, (b, L)).astype(np.int32),
+        text_valid=np.array([[True] * 10 + [False] * 6, [False] * L, [True] * L, [True] * 4 + [False] * 12][:b]),
+    )
+
+
+def forward(model, b):
+    return model(jnp.asarray(b["image"]), jnp.asarray(b["image_present"]), jnp.asarray(b["patch_mask"]),
+                 jnp.asarray(b["text_ids"]), jnp.asarray(b["text_valid"]))
+
+
+def test_unpaired_examples_never_see_the_other_modality(model):
+    b = random_batch()
+    img, txt = forward(model, b)
+    other = dict(b)
+    r = np.random.default_rng(1)
+    other["text_ids"] = r.integers(5, VOCAB, (4, L)).astype(np.int32)  # row 1 is image-only: no valid text
+    other["image"] = r.integers(0, 256, (4, S, S, 1)).astype(np.uint8)
+    other["image"][[0, 1, 3]] = b["image"][[0, 1, 3]]  # row 2 is text-only: its image slot changes
+    other["text_ids"][[0, 2, 3]] = b["text_ids"][[0, 2, 3]]
+    img2, txt2 = forward(model, other)
+    np.testing.assert_array_equal(np.asarray(img[1]), np.asarray(img2[1]))  # image-only: text content irrelevant
+    np.testing.assert_array_equal(np.asarray(txt[2]), np.asarray(txt2[2]))  # text-only: image content irrelevant
+    # and a paired example does attend across modalities
+    other["text_ids"][0] = r.integers(5, VOCAB, L)
+    img3, _ = forward(model, other)
+    assert np.abs(np.asarray(img3[0]) - np.asarray(img[0])).max() > 1e-4
+
+
+def test_padding_is_ignored(model):
+    b = random_batch()
+    img, txt = forward(model, b)
+    other = dict(b, text_ids=np.where(b["text_valid"], b["text_ids"], 7).astype(np.int32))
+    img2, txt2 = forward(model, other)
+    np.testing.assert_allclose(np.asarray(img[0]), np.asarray(img2[0]), atol=1e-6)
+    v = b["text_valid"][0]
+    np.testing.assert_allclose(np.asarray(txt[0][v]), np.asarray(txt2[0][v]), atol=1e-6)
+
+
+def test_mvm_loss_only_counts_masked_patches_of_present_images():
+    r = np.random.default_rng(0)
+    pred, target = r.normal(size=(3, N, 64)), r.normal(size=(3, N, 64))
+    mask = r.random((3, N)) < 0.5
+    present = np.array([True, True, False])
+    scale = np.array([0, 2, 1], np.int32)
+    loss, m = mvlm.mvm_loss(pred, target, mask, present, scale, 3)
+    err = ((pred - target) ** 2).mean(-1)
+    w = mask & present[:, None]
+    np.testing.assert_allclose(float(loss), err[w].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["mvm_loss_scale0"]), err[0][mask[0]].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["mvm_loss_scale2"]), err[1][mask[1]].mean(), rtol=1e-5)
+    assert float(m["mvm_loss_scale1"]) == 0.0  # the only scale-1 row has no image
+    t2 = target.copy()
+    t2[~w] += 100.0  # unmasked patches and the absent image
+    assert float(mvlm.mvm_loss(pred, t2, mask, present, scale, 3)[0]) == pytest.approx(float(loss), rel=1e-6)
+    t2 = target.copy()
+    t2[0, np.flatnonzero(mask[0])[0]] += 1.0
+    assert float(mvlm.mvm_loss(pred, t2, mask, present, scale, 3)[0]) != pytest.approx(float(loss), rel=1e-6)
+
+
+def test_mlm_loss_only_counts_targets():
+    r = np.random.default_rng(0)
+    logits = r.normal(size=(2, L, VOCAB)).astype(np.float32)
+    labels = np.full((2, L), -1, np.int32)
+    labels[0, 3], labels[1, 5], labels[1, 6] = 10, 20, 30
+    loss, m = mvlm.mlm_loss(logits, labels)
+    lp = jax.nn.log_softmax(logits)
+    expect = -(lp[0, 3, 10] + lp[1, 5, 20] + lp[1, 6, 30]) / 3
+    np.testing.assert_allclose(float(loss), float(expect), rtol=1e-5)
+    logits2 = logits.copy()
+    logits2[labels < 0] = r.normal(size=(int((labels < 0).sum()), VOCAB))
+    assert float(mvlm.mlm_loss(logits2, labels)[0]) == pytest.approx(float(loss), rel=1e-6)
+    logits2[0, 3, 10] += 5
+    assert float(mvlm.mlm_loss(logits2, labels)[1]["mlm_acc"]) != pytest.approx(-1)
+
+
+def test_patch_targets_are_normalised_per_patch():
+    img = np.random.default_rng(0).integers(0, 256, (2, S, S, 1)).astype(np.uint8)
+    t = np.asarray(mvlm.patch_targets(jnp.asarray(img), PATCH))
+    assert t.shape == (2, N, PATCH * PATCH)
+    np.testing.assert_allclose(t.mean(-1), 0, atol=1e-4)
+    np.testing.assert_allclose(t.std(-1), 1, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(vit.unpatchify(vit.patchify(jnp.asarray(img), PATCH), PATCH)), img)
+
+
+def test_large_parameters_carry_logical_axis_names(model):
+    params = nnx.state(model, nnx.Param)
+    named = {"/".join(map(str, p)): v.get_metadata().get("out_sharding") for p, v in nnx.to_flat_state(params)}
+    assert named["encoder/blocks/0/attn/q"] == ("embed", "heads", "kv")
+    assert named["encoder/blocks/0/attn/out"] == ("heads", "kv", "embed")
+    assert named["encoder/blocks/0/mlp/fc1/kernel"] == ("embed", "mlp")
+    assert named["token_embed/embedding"] == ("vocab", "embed")
+    assert named["patch_embed/proj/kernel"] == ("patch", "embed")
+    assert named["mvm_head/kernel"] == ("embed", "patch")
+    assert all(v for k, v in named.items() if k.endswith("kernel"))  # every dense kernel is annotated
+    assert named["encoder/blocks/0/norm1/scale"] is None  # small parameters stay replicated
+
+
+def test_logical_names_map_to_the_mesh_contract():
+    from cxrjax.train import mesh as mesh_lib
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    spec = functools.partial(mesh_lib.logical_to_spec, mesh=mesh, min_size=0)
+    assert spec(("embed", "heads", "kv"), (32, 2, 16)) == P("fsdp", "model", None)
+    assert spec(("embed", "mlp"), (128, 512)) == P("fsdp", "model")
+    assert spec(("vocab", "embed"), (63, 128)) == P(None, "fsdp")  # 63 % 2: replicated
+    assert spec(None, (128,)) == P()
+
+
+def tiny_config():
+    c = train_mvlm.default_config()
+    c.batch_size = 8
+    c.augment.size = S
+    c.model.update(size="micro", patch=PATCH, proj_dim=16)
+    c.text.max_len = L
+    c.optim.warmup_steps = 1
+    return c
+
+
+def train_batch(seed=0):
+    """8 rows: 4 paired, 2 image-only, 2 text-only (the pipeline's layout)."""
+    r = np.random.default_rng(seed)
+    present_img = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
+    present_txt = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
+    labels = np.where(r.random((8, L)) < 0.3, r.integers(5, VOCAB, (8, L)), -1).astype(np.int32)
+    return dict(
+        image=(r.integers(0, 256, (8, S, S, 1)) * present_img[:, None, None, None]).astype(np.uint8),
+        image_present=present_img, patch_mask=(r.random((8, N)) < 0.5) & present_img[:, None],
+        mask_scale=np.where(present_img, r.integers(0, 3, 8), -1).astype(np.int32),
+        text_ids=r.integers(5, VOCAB, (8, L)).astype(np.int32) * present_txt[:, None],
+        text_labels=np.where(present_txt[:, None], labels, -1).astype(np.int32),
+        text_valid=np.broadcast_to(present_txt[:, None], (8, L)).copy(), text_present=present_txt,
+        source=np.array([0, 0, 0, 0, 1, 1, 2, 2], np.int32), row=np.arange(8, dtype=np.int64),
+    )
+
+
+def step_on(mesh, config, batch, steps=3):
+    setup = train_mvlm.build_training(config, mesh, VOCAB, total_steps=10, num_paired=4)
+    state, losses = setup.state, []
+    for _ in range(steps):
+        b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
+        state, m = setup.train_step(state, b)
+        losses.append({k: float(v) for k, v in m.items()})
+    return losses, jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_one_and_eight_devices_give_the_same_loss():
+    config = tiny_config()
+    batch = train_batch()
+    one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    eight = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    fsdp = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    l1, p1 = step_on(one, config, batch)
+    l8, p8 = step_on(eight, config, batch)
+    lf, pf = step_on(fsdp, config, batch)  # the annotations actually shard parameters over fsdp/model
+    for other in (l8, lf):
+        for a, b in zip(l1, other):
+            for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss", "mvm_loss_scale0", "mvm_loss_scale2"):
+                assert a[k] == pytest.approx(b[k], rel=2e-5, abs=1e-6), k
+    assert l1[2]["loss"] != l1[1]["loss"]  # real updates happened (the warmup's first lr is 0)
+    for x, y, z in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(pf)):
+        np.testing.assert_allclose(x, y, atol=2e-5)
+        np.testing.assert_allclose(x, z, atol=2e-5)
+
+
+def test_conv_stem_and_bfloat16_compute_run():
+    cfg = mvlm.MVLMConfig(vit.ViTConfig(size="micro", image_size=S, patch=PATCH, stem="conv", dtype="bfloat16"),
+                          vocab_size=VOCAB, max_len=L, proj_dim=0)
+    with nnx.use_eager_sharding(False):
+        model = mvlm.MVLM(cfg, rngs=nnx.Rngs(0))
+    b = random_batch()
+    img, txt = forward(model, b)
+    assert img.shape == (4, N, 32) and txt.shape == (4, L, 32) and img.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(img, np.float32)).all()
+    assert model.regenerate(img).shape == (4, N, PATCH * PATCH) and model.mlm_logits(txt).dtype == jnp.float32
+    params = nnx.state(model, nnx.Param)
+    assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(params))  # params stay float32

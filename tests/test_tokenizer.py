@@ -1,0 +1,69 @@
+"""The report tokenizer: special-token ids, round trip, truncation/padding, save/load offline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cxrjax.text import tokenizer as T
+
+CORPUS = [
+    "FINDINGS: Moderate cardiomegaly, unchanged. Right pleural effusion, moderate, new since the prior study.",
+    "IMPRESSION: No acute cardiopulmonary process. No pleural effusion or pneumothorax.",
+    "Hazy opacity in the right upper lobe may represent consolidation; ET tube 4.5 cm above the carina.",
+    "The cardiac silhouette and mediastinum size are within normal limits. There is no pulmonary edema.",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
+
+
+def test_special_tokens_have_fixed_ids(tok):
+    assert [tok.token_to_id(s) for s in T.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (T.PAD_ID, T.CLS_ID, T.SEP_ID, T.MASK_ID, T.UNK_ID) == (0, 1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("text", CORPUS[:4] + ["Xylophone-shaped density!? 12 mm (new)."])
+def test_round_trip_gives_the_normalised_text(tok, text):
+    ids, valid = T.encode(tok, [text], 128)
+    assert T.UNK_ID not in ids[0]  # every lower-case ASCII character is in the vocabulary
+    assert T.decode(tok, ids[0]) == T.normalized(tok, text)
+    assert T.normalized(tok, text) == " ".join(T.normalized(tok, text).split())  # lower-cased, re-spaced
+    assert T.normalized(tok, "No Pleural Effusion.") == "no pleural effusion."
+
+
+def test_encode_truncates_appends_sep_and_pads(tok):
+    ids, valid = T.encode(tok, [CORPUS[0], "no effusion", ""], 8)
+    assert ids.shape == (3, 8) and ids.dtype == np.int32
+    assert valid[0].all() and ids[0, -1] == T.SEP_ID  # truncated: 7 word pieces + [SEP]
+    n = valid[1].sum()
+    assert ids[1, n - 1] == T.SEP_ID and (ids[1, n:] == T.PAD_ID).all()
+    assert valid[2].sum() == 1 and ids[2, 0] == T.SEP_ID  # an empty report is just [SEP]
+    assert np.array_equal(valid, ids != T.PAD_ID)
+
+
+def test_save_and_load_offline_give_the_same_ids(tok, tmp_path):
+    path = T.save(tok, tmp_path)
+    assert path.name == "tokenizer.json"
+    again = T.load(tmp_path)
+    a, _ = T.encode(tok, CORPUS[:4], 64)
+    b, _ = T.encode(again, CORPUS[:4], 64)
+    assert np.array_equal(a, b)
+
+
+def test_load_refuses_missing_and_foreign_files(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        T.load(tmp_path)
+    d = json.loads(tok.to_str())
+    d["added_tokens"][0]["content"] = "<pad>"  # a tokenizer whose id 0 is not [PAD]
+    d["model"]["vocab"]["<pad>"] = d["model"]["vocab"].pop("[PAD]")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"\[PAD\]"):
+        T.load(tmp_path)
+
+
+def test_training_needs_text():
+    with pytest.raises(ValueError, match="no non-empty report"):
+        T.train_tokenizer(["", "  "])
