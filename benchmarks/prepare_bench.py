@@ -1,6 +1,7 @@
 """Prepare throughput: records written per second, and seconds to build the pair indexes at CheXpert scale.
 
     python benchmarks/prepare_bench.py [--images=2000] [--size=256] [--workers=0]
+    python benchmarks/prepare_bench.py --pixels_only --images=600    # (c) alone
 
 (a) Record writing: the phantom generator renders --images images, and cxrjax writes them as sharded
     ArrayRecord/TFDS records with all cores. Rendering is part of the measured time, so the figure is
@@ -9,6 +10,10 @@
 (b) Pair index: every MedAug strategy on a 224k-row CheXpert-shaped table. The real CheXpert train.csv
     (223,414 rows) is used from ../shared/data/metadata when present; otherwise a synthetic table with
     the same patient/study/view size distribution.
+(c) Pixel formats: the same images prepared as PNG records and as raw-pixel records (--pixels=raw):
+    KiB per image on disk and single-threaded read+decode time per image through
+    `pipeline.RecordReader.image` (best of 3 passes over the split), on the phantom and, when
+    ../shared/data is present, on the real COVID-19 + NIH images.
 """
 
 from __future__ import annotations
@@ -43,6 +48,33 @@ def bench_records(n_images: int, size: int, workers: int) -> None:
             n = m["counts"]["images"]
             print(f"records  shared   {n} real JPEG/PNG files at {size}px, workers={workers or os.cpu_count()}: "
                   f"{m['timings']['records_s']:.1f} s -> {n / m['timings']['records_s']:.0f} images/s")
+
+
+def bench_pixels(n_images: int, size: int, workers: int) -> None:
+    from cxrjax import prepare
+    from cxrjax.data import pipeline
+
+    sources = [("phantom", None)] + ([("shared", SHARED)] if (SHARED / "covid-chestxray").is_dir() else [])
+    for source, src in sources:
+        per = {}
+        with tempfile.TemporaryDirectory() as d:
+            for pixels in ("png", "raw"):
+                out = Path(d) / pixels
+                m = prepare.prepare_dataset(source, out, src=src, size=size, workers=workers, pixels=pixels,
+                                            patients=max(1, n_images // 3), strategies=["instance"])
+                reader = pipeline.RecordReader(out, m["name"], "train")
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    for i in range(len(reader)):
+                        reader.image(i)
+                    best = min(best, (time.perf_counter() - t) / len(reader))
+                per[pixels] = (m["records"]["bytes"] / m["counts"]["images"] / 1024, best * 1e6, len(reader))
+        for pixels, (kib, us, n) in per.items():
+            print(f"pixels   {source:8s} {pixels}  {size}px: {kib:6.1f} KiB/image, read+decode {us:7.1f} us/image "
+                  f"({n} train records, 1 thread)")
+        print(f"pixels   {source:8s} raw/png: {per['raw'][0] / per['png'][0]:.2f}x the bytes, "
+              f"{per['png'][1] / per['raw'][1]:.1f}x faster to read")
 
 
 def chexpert_shaped_table():
@@ -95,9 +127,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip_records", action="store_true")
+    ap.add_argument("--pixels_only", action="store_true", help="run (c) only")
     args = ap.parse_args()
+    if args.pixels_only:
+        bench_pixels(args.images, args.size, args.workers)
+        return
     if not args.skip_records:
         bench_records(args.images, args.size, args.workers)
+        bench_pixels(args.images, args.size, args.workers)
     bench_pairs()
 
 

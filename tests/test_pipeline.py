@@ -24,6 +24,15 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> Path:
+    """The same phantom data as `data_dir`, prepared with --pixels=raw."""
+    out = tmp_path_factory.mktemp("prepared_raw")
+    prepare.prepare_dataset("phantom", out, patients=40, size=64, workers=1, shard_size=32, pixels="raw",
+                            strategies=["instance", STRATEGY, ANY])
+    return out
+
+
 def _cfg(data_dir, **kw):
     base = dict(data_dir=str(data_dir), batch_size=8, augment=augment.AugmentConfig(size=SIZE), num_workers=0,
                 process_index=0, process_count=1, seed=3)
@@ -301,3 +310,42 @@ def test_mixed_sources_proportions_and_state(data_dir):
         assert x["source"] == y["source"] and x["row"] == y["row"]
         if "image" in x:
             assert np.array_equal(x["image"], y["image"])
+
+
+def test_raw_pixel_records_give_the_same_batches(data_dir, raw_dir):
+    """Raw-pixel records hold exactly the PNG records' pixels: same images, same batches, no decode."""
+    png = pipeline.RecordReader(data_dir, "phantom", "train")
+    raw = pipeline.RecordReader(raw_dir, "phantom", "train")
+    assert (png.format.pixels, raw.format.pixels, raw.format.shape) == ("png", "raw", (64, 64))
+    for i in range(len(png)):
+        np.testing.assert_array_equal(raw.image(i), png.image(i))
+    for x, y in zip(_batches(_cfg(data_dir), 3), _batches(_cfg(raw_dir), 3)):
+        for k in x:
+            assert np.array_equal(x[k], y[k]), k
+
+
+def test_device_mode_ships_pixels_and_view_seeds(raw_dir):
+    """augment.where='device': the batch holds the prepared pixels of query and partner and the seeds
+    of each view; device_augment turns them into the views, deterministically."""
+    from cxrjax.data import device_augment
+
+    kind = "patient-other-study"
+    aug = augment.AugmentConfig(size=SIZE, where="device")
+    data = pipeline.load_prepared(raw_dir, "train", ANY, kind)
+    reader = pipeline.RecordReader(raw_dir, "phantom", "train")
+    cfg = _cfg(raw_dir, strategy=ANY, augment=aug, hard_negatives=kind, num_hard_negatives=2)
+    b = _batches(cfg, 1, data=data)[0]
+    assert b["query"].shape == (8, 64, 64, 1) and b["query"].dtype == np.uint8
+    assert b["hard_negatives"].shape == (8, 2, 64, 64, 1) and b["hard_negative_seeds"].shape == (8, 2, 2)
+    for i, (row, partner, epoch) in enumerate(zip(b["row"], b["partner_row"], b["epoch"])):
+        np.testing.assert_array_equal(b["query"][i, ..., 0], reader.image(data.record_of_row[row]))
+        np.testing.assert_array_equal(b["key"][i, ..., 0], reader.image(data.record_of_row[partner]))
+        np.testing.assert_array_equal(b["query_seed"][i], augment.view_seed(3, epoch, row, 0))
+        np.testing.assert_array_equal(b["key_seed"][i], augment.view_seed(3, epoch, row, 1))
+        np.testing.assert_array_equal(b["hard_negative_seeds"][i, 1], augment.view_seed(3, epoch, row, 3))
+    again = _batches(cfg, 1, data=data)[0]
+    q1, k1, h1 = device_augment.contrastive_views(b, aug)
+    q2, k2, h2 = device_augment.contrastive_views(again, aug)
+    assert q1.shape == (8, SIZE, SIZE, 1) and h1.shape == (8, 2, SIZE, SIZE, 1)
+    assert np.array_equal(np.asarray(q1), np.asarray(q2)) and np.array_equal(np.asarray(h1), np.asarray(h2))
+    assert not np.array_equal(np.asarray(q1), np.asarray(k1))

@@ -168,3 +168,30 @@ def test_no_tensorflow_needed(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_raw_pixel_records(tmp_path):
+    """--pixels=raw: the same pixels as the PNG records, as a fixed-shape TFDS Tensor that TFDS reads
+    back (no TensorFlow); the reader tells the formats apart; switching format rewrites the shards."""
+    root = _csv_dataset(tmp_path)
+    png = _prepare_csv(root, tmp_path / "png")
+    raw = _prepare_csv(root, tmp_path / "raw", pixels="raw")
+    assert raw["records"]["pixels"] == "raw" and png["records"]["pixels"] == "png"
+    assert raw["counts"] == png["counts"]
+    assert records.image_format(tmp_path / "raw", "csv") == records.ImageFormat("raw", "uint8", (32, 32))
+    assert records.image_format(tmp_path / "png", "csv") == records.ImageFormat("png", "uint8", None)
+    for split in png["records"]["shard_lengths"]:
+        a, b = records.open_split(tmp_path / "png", "csv", split), records.open_split(tmp_path / "raw", "csv", split)
+        for i in range(len(a)):
+            assert b[i]["image"].shape == (32, 32) and b[i]["image"].dtype == np.uint8
+            np.testing.assert_array_equal(b[i]["image"], a[i]["image"][..., 0])
+            assert b[i]["image_id"] == a[i]["image_id"]
+    # raw records hold size*size bytes of pixels (+ the metadata) per image
+    assert raw["records"]["bytes"] >= 10 * 32 * 32
+    again = _prepare_csv(root, tmp_path / "raw", pixels="raw")
+    assert again["records"]["shards_written_this_run"] == 0
+    switched = _prepare_csv(root, tmp_path / "raw")  # same out, PNG now: every shard is rewritten
+    assert switched["records"]["shards_written_this_run"] == sum(map(len, png["records"]["shard_lengths"].values()))
+    assert records.image_format(tmp_path / "raw", "csv").pixels == "png"
+    with pytest.raises(ValueError, match="--pixels must be one of"):
+        _prepare_csv(root, tmp_path / "bad", pixels="jpeg")

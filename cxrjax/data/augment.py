@@ -19,6 +19,14 @@ Determinism: every random draw of an example comes from `example_rng(seed, epoch
 (slot 0 = the query view, 1 = the key view, 2+j = hard negative j), a pure function of those numbers,
 so the same example gets the same augmentation whatever the worker, process, batch or resume.
 
+Where it runs (`AugmentConfig.where`): "host" applies all of the above in the pipeline's workers
+(numpy/Pillow; batches carry finished 224-px views). "device" leaves the prepared pixels as they are
+and ships, per view, `view_seed(seed, epoch, row, slot)` (2 uint32 words, a pure function of the same
+numbers); `cxrjax.data.device_augment.augment_batch` then draws the parameters with jax.random and does
+the same transforms jitted and vectorised on the accelerator, inside the train step. The two paths
+draw different random numbers (numpy vs jax.random) from the same example identity, with the same
+distributions; both are deterministic and resume-exact.
+
 Images are 2-D (H, W) or (H, W, 1) uint8 (or uint16 for 16-bit records) and come back as
 (size, size) arrays of the same dtype; `normalize` turns a batch into float32 (numpy or jax.numpy),
 which is meant to run on the device inside the train step.
@@ -32,11 +40,15 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
+from cxrjax.data import pairs
+
 # MedAug's normalisation (their code, on [0, 1] intensities).
 CXR_MEAN = 0.5020
 CXR_STD = 0.0856
 
 _MAX_CROP_TRIES = 10  # torchvision's RandomResizedCrop: 10 tries, then the whole image
+WHERE = ("host", "device")
+_STREAM_AUGMENT = 0x5A17_0004  # the pair sampler uses streams ..01 and ..02 of the same hash
 
 
 def known_fields(cls, d) -> dict:
@@ -64,6 +76,9 @@ class AugmentConfig:
     blur_prob, blur_sigma: Gaussian blur with this probability, sigma uniform in blur_sigma
         (output pixels; MoCo v2 uses p = 0.5, sigma in [0.1, 2.0] at 224 px).
     eval_crop: the eval transform keeps this central fraction of the side, resized to `size`.
+    where: "host" (the pipeline's workers augment; batches hold finished views) or "device" (batches
+        hold the prepared pixels + per-view seeds; the train step runs `device_augment`). Eval and
+        vision-language examples are always transformed on the host.
     """
 
     size: int = 224
@@ -77,6 +92,7 @@ class AugmentConfig:
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     eval_crop: float = 1.0
+    where: str = "host"
 
     def __post_init__(self):
         def check(ok, what):
@@ -92,6 +108,7 @@ class AugmentConfig:
         check(0 <= self.brightness < 1 and 0 <= self.contrast < 1, "brightness / contrast must be in [0, 1)")
         check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
         check(0 < self.eval_crop <= 1, f"eval_crop must be in (0, 1], got {self.eval_crop}")
+        check(self.where in WHERE, f"where must be one of {WHERE}, got {self.where!r}")
 
     @classmethod
     def from_dict(cls, d) -> "AugmentConfig":
@@ -119,6 +136,17 @@ class Params:
 def example_rng(seed: int, epoch: int, row: int, slot: int) -> np.random.Generator:
     """The random stream of one view of one example: (seed, epoch, table row, slot)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), int(row), int(slot)])
+
+
+def view_seed(seed: int, epoch: int, row: int, slot: int) -> np.ndarray:
+    """(2,) uint32: the jax.random key data of one view for on-device augmentation.
+
+    A pure function of (seed, epoch, table row, slot) like `example_rng` (splitmix64 hashing as in
+    `pairs`), so device-side draws are as independent of batch layout and resume as host-side ones.
+    """
+    k = int(pairs._key(seed, epoch, _STREAM_AUGMENT))
+    h = pairs._splitmix64_int(pairs._splitmix64_int(k ^ (int(row) & pairs._M64)) ^ (int(slot) & pairs._M64))
+    return np.array([h >> 32, h & 0xFFFFFFFF], np.uint32)
 
 
 def sample_params(cfg: AugmentConfig, rng: np.random.Generator, height: int, width: int) -> Params:

@@ -30,6 +30,11 @@ A batch (local to the process, numpy; global jax.Arrays after `DeviceIterator`),
     epoch             (B,) int32
     hard_negatives    (B, k, S, S, 1) uint8 and hard_negative_rows (B, k) int64 (-1 = none: the
                       query's group is empty; the image is then zeros) -- only when configured
+  with augment.where="device" the images are the prepared pixels (B, P, P, 1) (P = prepare --size,
+  no augmentation on the host: records are read and stacked, nothing else) plus per view
+    query_seed, key_seed (B, 2) uint32, hard_negative_seeds (B, k, 2)
+                      `augment.view_seed(seed, epoch, row, slot)`; the train step turns them into
+                      views with `device_augment.contrastive_views` (jitted, on the accelerator)
 Eval mode: image (B, S, S, 1) uint8 (resize + centre crop), labels (B, 14) float32 (NaN blank),
 row, patient, study, laterality, epoch.
 
@@ -283,12 +288,15 @@ class RecordReader:
     """Random access to the raw records of one split, and their decoding (no TensorFlow).
 
     Decoding parses the TFDS example proto (upb, ~5 us) and the PNG with Pillow: ~4x faster than
-    `record_features().deserialize_example_np` (measured 1.2 ms vs 0.3 ms at 64 px).
+    `record_features().deserialize_example_np` (measured 1.2 ms vs 0.3 ms at 64 px). Raw-pixel
+    records (prepare --pixels=raw) need no decode: the image is one copy out of the record.
+    The kind is read once from the dataset's features.json (`records.image_format`).
     Picklable: the shard readers are opened lazily in each process.
     """
 
     def __init__(self, out: str | Path, name: str, split: str):
         self.split = split
+        self.format = records.image_format(out, name)
         self.files = records.shard_files(out, name, split)
         if not self.files:
             raise FileNotFoundError(f"no record shards for split {split!r} of {name!r} under {out}")
@@ -327,7 +335,7 @@ class RecordReader:
         """Decode the fields `want` of one record: image -> 2-D uint8/uint16 array, text -> str."""
         raw = self.read(record)
         try:
-            return decode_record(raw, want)
+            return decode_record(raw, want, self.format)
         except Exception as e:
             raise RecordError(self.report(record, f"undecodable: {type(e).__name__}: {e}")) from None
 
@@ -335,15 +343,20 @@ class RecordReader:
         return self.features(record, ("image",))["image"]
 
 
-def decode_record(raw: bytes, want=("image",)) -> dict:
-    """Fields of one serialized record: image (2-D array), text features (str), study_order, labels."""
+def decode_record(raw: bytes, want=("image",), fmt: records.ImageFormat | None = None) -> dict:
+    """Fields of one serialized record: image (2-D array), text features (str), study_order, labels.
+
+    `fmt` says how the image is stored (None: PNG, the format of datasets from before raw pixels).
+    """
     feature = tf_example_pb2.Example.FromString(raw).features.feature
     out = {}
     for key in want:
         if key not in feature:
             raise ValueError(f"record has no feature {key!r}")
         f = feature[key]
-        if key == "image":
+        if key == "image" and fmt is not None and fmt.pixels == "raw":
+            out[key] = _raw_image(f.bytes_list.value[0], fmt)
+        elif key == "image":
             with Image.open(io.BytesIO(f.bytes_list.value[0])) as im:
                 if im.format != "PNG":
                     raise ValueError(f"image is {im.format}, expected PNG")
@@ -358,6 +371,14 @@ def decode_record(raw: bytes, want=("image",)) -> dict:
         else:
             out[key] = f.bytes_list.value[0].decode("utf-8")
     return out
+
+
+def _raw_image(data: bytes, fmt: records.ImageFormat) -> np.ndarray:
+    dtype = np.dtype(fmt.dtype).newbyteorder("<")  # TFDS writes tensor bytes little-endian
+    expected = int(np.prod(fmt.shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"raw image has {len(data)} bytes, expected {expected} for {fmt.shape} {fmt.dtype}")
+    return np.frombuffer(data, dtype).reshape(fmt.shape).astype(fmt.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,17 +398,23 @@ class ContrastiveExample:
         self.data, self.reader = data, reader
         self.seed, self.aug = cfg.seed, cfg.augment
         self.k = cfg.num_hard_negatives if data.hard is not None else 0
+        self.on_device = cfg.augment.where == "device"
+
+    def view(self, image: np.ndarray, epoch: int, row: int, slot: int) -> np.ndarray:
+        """Host: the augmented view. Device: the prepared pixels as they are (augmented in the step)."""
+        if self.on_device:
+            return image
+        return augment_lib.augment(image, self.aug, augment_lib.example_rng(self.seed, epoch, row, slot))
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, record = item
-        d, aug, size = self.data, self.aug, self.aug.size
+        d = self.data
         row = int(d.split_rows[record])
         partner = int(pairs.sample_positive(d.positives, np.array([row]), self.seed, epoch)[0])
         try:
             image = self.reader.image(record)
             other = image if partner == row else self.reader.image(int(d.record_of_row[partner]))
-            query = augment_lib.augment(image, aug, augment_lib.example_rng(self.seed, epoch, row, 0))
-            key = augment_lib.augment(other, aug, augment_lib.example_rng(self.seed, epoch, row, 1))
+            query, key = self.view(image, epoch, row, 0), self.view(other, epoch, row, 1)
             ex = {
                 "query": query[..., None], "key": key[..., None],
                 "row": np.int64(row), "partner_row": np.int64(partner), "epoch": np.int32(epoch),
@@ -395,14 +422,19 @@ class ContrastiveExample:
                 "laterality": d.codes["laterality"][row],
                 "key_study": d.codes["study"][partner], "key_laterality": d.codes["laterality"][partner],
             }
+            if self.on_device:
+                ex["query_seed"] = augment_lib.view_seed(self.seed, epoch, row, 0)
+                ex["key_seed"] = augment_lib.view_seed(self.seed, epoch, row, 1)
             if self.k:
                 hard = pairs.sample_hard_negatives(d.hard, np.array([row]), self.k, self.seed, epoch)[0]
-                imgs = np.zeros((self.k, size, size, 1), query.dtype)
+                imgs = np.zeros((self.k, *query.shape, 1), query.dtype)
                 for j, h in enumerate(hard):
                     if h >= 0:
-                        src = self.reader.image(int(d.record_of_row[h]))
-                        imgs[j, ..., 0] = augment_lib.augment(src, aug, augment_lib.example_rng(self.seed, epoch, row, 2 + j))
+                        imgs[j, ..., 0] = self.view(self.reader.image(int(d.record_of_row[h])), epoch, row, 2 + j)
                 ex["hard_negatives"], ex["hard_negative_rows"] = imgs, hard.astype(np.int64)
+                if self.on_device:
+                    ex["hard_negative_seeds"] = np.stack(
+                        [augment_lib.view_seed(self.seed, epoch, row, 2 + j) for j in range(self.k)])
         except RecordError as e:
             return _corrupt(e.report)
         return ex

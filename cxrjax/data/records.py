@@ -1,6 +1,6 @@
 """Sharded ArrayRecord files of prepared images: one record format, and it is a TFDS dataset.
 
-Each record is a `tfds.features.FeaturesDict`-serialized example (PNG image + the canonical metadata),
+Each record is a `tfds.features.FeaturesDict`-serialized example (image + the canonical metadata),
 written by our own parallel workers, and the folder gets TFDS's `dataset_info.json`/`features.json`,
 so the same files are read by the Grain pipeline and by `tfds.data_source(name, data_dir=...)` in a
 notebook — without TensorFlow. Layout under the prepare output dir `OUT`:
@@ -11,6 +11,13 @@ notebook — without TensorFlow. Layout under the prepare output dir `OUT`:
 A shard is written to a temporary file and renamed when complete; its progress file records which
 images it holds and which failed. A re-run with the same plan skips finished shards, so an
 interrupted prepare resumes and a repeated one duplicates nothing.
+
+Pixels are stored one of two ways (`pixels=`), and the reader tells them apart from `features.json`:
+
+* "png": a `tfds.features.Image` (PNG bytes; ~2x smaller for real radiographs, costs a decode per read);
+* "raw": a fixed-shape `tfds.features.Tensor` (size, size) uint8/uint16 with BYTES encoding: the
+  record holds the pixels as they are, so reading an image is one copy out of the record, no decode.
+  TFDS decodes it without TensorFlow too (`np.frombuffer`).
 
 Records are in table order within each split; images that fail to load are left out, listed with
 their reason, and the surviving rows get a `record` column: their index in their split's data source.
@@ -34,17 +41,31 @@ from cxrjax.data import images, schema
 RECORD_VERSION = "1.0.0"
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 TEXT_FEATURES = ("image_id", "patient_id", "study_id", "view", "laterality", "report", "source")
+PIXEL_FORMATS = ("png", "raw")
 
 
-def record_features(bit_depth: int = 8):
+def image_feature(bit_depth: int = 8, pixels: str = "png", size: int | None = None):
+    """The TFDS feature of the image: PNG-encoded, or the raw (size, size) pixels."""
+    import tensorflow_datasets as tfds
+
+    dtype = np.uint16 if bit_depth == 16 else np.uint8
+    if pixels == "png":
+        return tfds.features.Image(shape=(None, None, 1), dtype=dtype, encoding_format="png")
+    if pixels == "raw":
+        if not size:
+            raise ValueError("raw pixel records need the image size")
+        # BYTES: the array's bytes in one bytes_list entry (the default would write a varint per pixel)
+        return tfds.features.Tensor(shape=(size, size), dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+    raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {pixels!r}")
+
+
+def record_features(bit_depth: int = 8, pixels: str = "png", size: int | None = None):
     """The TFDS features of one record (what `tfds.data_source(...)[i]` returns)."""
     import tensorflow_datasets as tfds
 
     return tfds.features.FeaturesDict(
         {
-            "image": tfds.features.Image(
-                shape=(None, None, 1), dtype=np.uint16 if bit_depth == 16 else np.uint8, encoding_format="png"
-            ),
+            "image": image_feature(bit_depth, pixels, size),
             **{name: tfds.features.Text() for name in TEXT_FEATURES},
             "study_order": np.int64,
             # The 14 CheXpert observations in schema.CHEXPERT_LABELS order: 1, 0, -1 or NaN (blank).
@@ -111,6 +132,11 @@ class WriteSettings:
     bit_depth: int
     compress_level: int
     image_source: Callable
+    pixels: str = "png"
+
+    def __post_init__(self):
+        if self.pixels not in PIXEL_FORMATS:
+            raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {self.pixels!r}")
 
     @property
     def records_dir(self) -> Path:
@@ -136,8 +162,11 @@ def plan_shards(table: pd.DataFrame, settings: WriteSettings, shard_size: int) -
         count = -(-len(where) // shard_size)
         for index in range(count):
             positions = where[index * shard_size : (index + 1) * shard_size]
-            key = json.dumps([RECORD_VERSION, source, settings.size, settings.fit, settings.bit_depth,
-                              settings.compress_level, split, ids[positions].tolist()])
+            key = [RECORD_VERSION, source, settings.size, settings.fit, settings.bit_depth,
+                   settings.compress_level, split, ids[positions].tolist()]
+            if settings.pixels != "png":  # keeps the fingerprints of existing PNG shards unchanged
+                key.append(settings.pixels)
+            key = json.dumps(key)
             tasks.append(ShardTask(split, index, count, positions, hashlib.sha256(key.encode()).hexdigest()))
     return tasks
 
@@ -157,10 +186,10 @@ class _Serializer:
     pure function of its inputs (parallel == sequential == re-run).
     """
 
-    def __init__(self, bit_depth: int):
+    def __init__(self, bit_depth: int, pixels: str = "png", size: int | None = None):
         from tensorflow_datasets.core import example_serializer
 
-        self.features = record_features(bit_depth)
+        self.features = record_features(bit_depth, pixels, size)
         self._proto = example_serializer.ExampleSerializer(self.features.get_serialized_info())
 
     def __call__(self, example: dict) -> bytes:
@@ -175,9 +204,10 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     """Write one shard (atomically) and its progress file; returns the progress record."""
     from array_record.python import array_record_module
 
-    serialize = _SERIALIZERS.get(settings.bit_depth)
+    which = (settings.bit_depth, settings.pixels, settings.size)
+    serialize = _SERIALIZERS.get(which)
     if serialize is None:
-        serialize = _SERIALIZERS[settings.bit_depth] = _Serializer(settings.bit_depth)
+        serialize = _SERIALIZERS[which] = _Serializer(*which)
     final = settings.shard_path(task)
     tmp = final.with_name(final.name + ".tmp")
     ok, failed = [], []
@@ -188,8 +218,7 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
                 image = settings.image_source(row, settings.size, settings.fit)
                 example = {
                     **{name: str(row[name]) for name in TEXT_FEATURES},
-                    # Already-encoded PNG bytes: TFDS stores them as they are (no TF, our compression level).
-                    "image": images.encode_png(image, settings.compress_level),
+                    "image": _image_value(image, settings),
                     "study_order": int(row["study_order"]),
                     "labels": np.asarray([row[c] for c in schema.CHEXPERT_LABELS], np.float32),
                 }
@@ -204,6 +233,17 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     ppath = settings.progress_path(task)
     ppath.write_text(json.dumps(progress))
     return progress
+
+
+def _image_value(image: np.ndarray, settings: WriteSettings):
+    if settings.pixels == "png":
+        # Already-encoded PNG bytes: TFDS stores them as they are (no TF, our compression level).
+        return images.encode_png(image, settings.compress_level)
+    image = np.asarray(image)
+    image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    if image.shape != (settings.size, settings.size):
+        raise ValueError(f"image has shape {image.shape}, raw records need ({settings.size}, {settings.size})")
+    return image
 
 
 def _write_shard_star(args) -> tuple[str, dict]:
@@ -314,12 +354,12 @@ def _write_tfds_metadata(settings: WriteSettings, shard_lengths: dict) -> None:
                                                filename_template=template))
     tfds.folder_dataset.write_metadata(
         data_dir=settings.records_dir,
-        features=record_features(settings.bit_depth),
+        features=record_features(settings.bit_depth, settings.pixels, settings.size),
         split_infos=split_infos,
         filename_template=FILENAME_TEMPLATE,
         description=(
             f"Chest radiographs prepared by cxrjax at {settings.size}x{settings.size} ({settings.fit}), "
-            f"{settings.bit_depth}-bit PNG, with the canonical metadata. Join with table.parquet on image_id."
+            f"{settings.bit_depth}-bit {'PNG' if settings.pixels == 'png' else 'raw pixels'}, with the canonical metadata. Join with table.parquet on image_id."
         ),
         check_data=False,
     )
@@ -336,3 +376,32 @@ def shard_files(out: str | Path, name: str, split: str) -> list[str]:
     """The ArrayRecord files of one split, in record order (for grain.sources.ArrayRecordDataSource)."""
     files = sorted((Path(out) / name / RECORD_VERSION).glob(f"{name}-{split}.array_record-*-of-*"))
     return [str(f) for f in files if not f.name.endswith(".tmp")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+    """How a dataset's records hold their pixels (read from its features.json)."""
+
+    pixels: str  # "png" or "raw"
+    dtype: str  # "uint8" or "uint16"
+    shape: tuple | None  # (size, size) for raw records, None for PNG (any size)
+
+
+def image_format(out: str | Path, name: str) -> ImageFormat:
+    """The pixel format of dataset `name` under `out` (PNG datasets from before `pixels=` included)."""
+    path = Path(out) / name / RECORD_VERSION / "features.json"
+    try:
+        image = json.loads(path.read_text())["featuresDict"]["features"]["image"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {Path(out) / name} a cxrjax prepare output?") from None
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: no readable `image` feature ({type(e).__name__}: {e}); re-run prepare") from None
+    kind = image.get("pythonClassName", "").rsplit(".", 1)[-1]
+    if kind == "Image":
+        return ImageFormat("png", image["image"]["dtype"], None)
+    if kind == "Tensor":
+        t = image["tensor"]
+        if t.get("encoding") != "bytes":
+            raise ValueError(f"{path}: raw image tensor with encoding {t.get('encoding')!r}; expected 'bytes'")
+        return ImageFormat("raw", t["dtype"], tuple(int(d) for d in t["shape"]["dimensions"]))
+    raise ValueError(f"{path}: image feature {kind!r} is neither Image (png) nor Tensor (raw)")

@@ -1,0 +1,221 @@
+"""Chest X-ray augmentation on the accelerator: jitted, vectorised over the batch, inside the train step.
+
+The host pipeline with `AugmentConfig(where="device")` ships the prepared pixels (uint8/uint16, the
+prepare size, e.g. 256 px) and per view 2 uint32 seed words (`augment.view_seed(seed, epoch, row,
+slot)`). Here, per view:
+
+1. the parameters are drawn with jax.random from that seed, with the distributions of
+   `augment.sample_params` (10 RandomResizedCrop candidates, first that fits, else the whole image;
+   uniform angle; flip, jitter and blur coins);
+2. crop + scale + rotation + flip are ONE inverse affine map (output pixel -> source pixel, exactly
+   `augment.affine_coefficients`), applied by bilinear sampling (4 gathers per output pixel; zero
+   outside the source) straight to the output size;
+3. brightness then contrast around the image mean (torchvision's order), clipped to the pixel range;
+4. Gaussian blur with a per-view sigma: a separable kernel of fixed radius ceil(3 * max sigma), so
+   the shapes are static and the batch stays one vectorised op;
+5. normalisation to float ((x / max - CXR_MEAN) / CXR_STD).
+
+Determinism: everything is a function of the seed words and the pixels, so the same example gets
+the same views whatever the batch layout, device count or resume point. Outputs match the host path
+(`augment.apply`) for the same parameters up to bilinear rounding (tested), but the two paths draw
+different random numbers (numpy vs jax.random).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrjax.data import augment as augment_lib
+
+PARAM_NAMES = ("cx", "cy", "cw", "ch", "angle", "flip", "brightness", "contrast", "blur_sigma")
+
+
+def keys_from_seeds(seeds: jax.Array) -> jax.Array:
+    """(..., 2) uint32 seed words -> typed threefry keys of shape (...)."""
+    return jax.random.wrap_key_data(jnp.asarray(seeds, jnp.uint32), impl="threefry2x32")
+
+
+def sample_params(key: jax.Array, cfg: augment_lib.AugmentConfig, height: int, width: int) -> dict:
+    """One view's parameters (scalars, PARAM_NAMES) for a height x width source, like `augment.sample_params`."""
+    k_scale, k_ratio, k_pos, k_u, k_v = jax.random.split(key, 5)
+    tries = augment_lib._MAX_CROP_TRIES
+    area = float(height * width)
+    scale = jax.random.uniform(k_scale, (tries,), minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
+    log_ratio = jax.random.uniform(k_ratio, (tries,), minval=math.log(cfg.crop_ratio[0]),
+                                   maxval=math.log(cfg.crop_ratio[1]))
+    pos = jax.random.uniform(k_pos, (tries, 2))
+    w = jnp.sqrt(area * scale * jnp.exp(log_ratio))
+    h = jnp.sqrt(area * scale / jnp.exp(log_ratio))
+    fits = (w <= width) & (h <= height)
+    i, found = jnp.argmax(fits), fits.any()
+    cw = jnp.where(found, w[i], float(width))
+    ch = jnp.where(found, h[i], float(height))
+    cx = jnp.where(found, cw / 2 + pos[i, 0] * (width - cw), width / 2)
+    cy = jnp.where(found, ch / 2 + pos[i, 1] * (height - ch), height / 2)
+    u = jax.random.uniform(k_u, (5,))
+    jitter = u[2] < cfg.jitter_prob
+    v = jax.random.uniform(k_v, (2,))
+    return {
+        "cx": cx, "cy": cy, "cw": cw, "ch": ch,
+        "angle": (2 * u[0] - 1) * cfg.rotation,
+        "flip": u[1] < cfg.hflip_prob,
+        "brightness": jnp.where(jitter, 1 + (2 * u[3] - 1) * cfg.brightness, 1.0),
+        "contrast": jnp.where(jitter, 1 + (2 * u[4] - 1) * cfg.contrast, 1.0),
+        "blur_sigma": jnp.where(v[0] < cfg.blur_prob, cfg.blur_sigma[0] + v[1] * (cfg.blur_sigma[1] - cfg.blur_sigma[0]), 0.0),
+    }
+
+
+def affine_coefficients(p: dict, size: int) -> jax.Array:
+    """(6,) source = (a x + b y + c, d x + e y + f) for output (x, y): `augment.affine_coefficients` in jnp."""
+    sx = jnp.where(p["flip"], -p["cw"], p["cw"]) / size
+    sy = p["ch"] / size
+    t = jnp.deg2rad(p["angle"])
+    cos, sin = jnp.cos(t), jnp.sin(t)
+    a, b, d, e = cos * sx, -sin * sy, sin * sx, cos * sy
+    half = size / 2
+    return jnp.stack([a, b, p["cx"] - (a + b) * half, d, e, p["cy"] - (d + e) * half])
+
+
+def warp(image: jax.Array, coeffs: jax.Array, size: int) -> jax.Array:
+    """Bilinear affine resampling of one (H, W) image to (size, size) float32; zero outside the image.
+
+    Pixel centres sit at +0.5 (Pillow's convention), so `coeffs` are the same numbers Pillow's
+    Image.transform(AFFINE) takes.
+    """
+    height, width = image.shape
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    xo, yo = grid[None, :], grid[:, None]
+    a, b, c, d, e, f = (coeffs[i] for i in range(6))
+    xs = a * xo + b * yo + c - 0.5  # source index space (pixel centres at integers)
+    ys = d * xo + e * yo + f - 0.5
+    x0, y0 = jnp.floor(xs), jnp.floor(ys)
+    fx, fy = xs - x0, ys - y0
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    flat = image.reshape(-1)
+
+    def tap(yi, xi):
+        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+        v = jnp.take(flat, jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1), mode="clip")
+        return jnp.where(inside, v.astype(jnp.float32), 0.0)
+
+    top = (1 - fx) * tap(y0, x0) + fx * tap(y0, x0 + 1)
+    bottom = (1 - fx) * tap(y0 + 1, x0) + fx * tap(y0 + 1, x0 + 1)
+    return (1 - fy) * top + fy * bottom
+
+
+def jitter(x: jax.Array, brightness, contrast, max_value: float) -> jax.Array:
+    """Brightness (x * b), then contrast around that image's mean, clipped to [0, max_value]."""
+    # c * (b x - m) + m with m = mean(b x), as one scale + offset of x
+    offset = (1 - contrast) * brightness * x.mean()
+    return jnp.clip(x * (contrast * brightness) + offset, 0.0, max_value)
+
+
+def gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+    """Separable Gaussian blur of a batch (B, H, W) with per-image sigma (B,) (0 = identity), reflect padding.
+
+    2 * radius + 1 shifted, weighted copies per axis: static shapes for any sigma. Applied to the
+    materialised batch of warped images (measured on CPU: 0.6 ms/image at 224 px, vs 1.9 ms for
+    banded-matrix matmuls and 5.8 ms for a grouped convolution).
+    """
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    sigma = jnp.asarray(sigma, jnp.float32).reshape(-1, 1)
+    safe = jnp.maximum(sigma, 1e-6)
+    w = jnp.where(sigma > 0, jnp.exp(-0.5 * (offsets / safe) ** 2), (offsets == 0).astype(np.float32))
+    w = (w / w.sum(-1, keepdims=True))[:, :, None, None]  # (B, taps, 1, 1)
+    taps = range(2 * radius + 1)
+    h, wd = x.shape[1:]
+    xp = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
+    x = sum(w[:, k] * xp[:, k:k + h] for k in taps)
+    xp = jnp.pad(x, ((0, 0), (0, 0), (radius, radius)), mode="reflect")
+    return sum(w[:, k] * xp[:, :, k:k + wd] for k in taps)
+
+
+def blur_radius(cfg: augment_lib.AugmentConfig) -> int:
+    return max(1, math.ceil(3 * cfg.blur_sigma[1]))
+
+
+def apply_params(image: jax.Array, p: dict, cfg: augment_lib.AugmentConfig, max_value: float) -> jax.Array:
+    """Drawn parameters (all but the blur) applied to one (H, W) image -> (size, size) float32, pixel units."""
+    x = warp(image, affine_coefficients(p, cfg.size), cfg.size)
+    if cfg.brightness or cfg.contrast:  # static: switched-off parts cost nothing
+        x = jitter(x, p["brightness"], p["contrast"], max_value)
+    return x  # blur: batched, after the warp (`augment_batch`)
+
+
+def _max_value(dtype) -> float:
+    if dtype == jnp.uint8:
+        return 255.0
+    if dtype == jnp.uint16:
+        return 65535.0
+    raise ValueError(f"device augmentation takes uint8 or uint16 pixels, got {dtype}")
+
+
+def _as_2d(images: jax.Array) -> jax.Array:
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"expected a batch of grayscale images (B, H, W) or (B, H, W, 1), got shape {images.shape}")
+    return images
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def augment_batch(images: jax.Array, seeds: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
+    """Random training views: (B, H, W[, 1]) uint8/uint16 + (B, 2) uint32 seeds -> (B, S, S, 1) float32, normalised.
+
+    `seeds[i]` = `augment.view_seed(seed, epoch, row, slot)` of view i; S = cfg.size.
+    """
+    images = _as_2d(images)
+    max_value = _max_value(images.dtype)
+    height, width = images.shape[1:]
+
+    p = jax.vmap(lambda key: sample_params(key, cfg, height, width))(keys_from_seeds(seeds))
+    x = jax.vmap(lambda image, q: apply_params(image, q, cfg, max_value))(images, p)
+    if cfg.blur_prob > 0:
+        x = gaussian_blur(x, p["blur_sigma"], blur_radius(cfg))
+    return augment_lib.normalize(x, max_value=max_value)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "height", "width"))
+def batch_params(seeds: jax.Array, cfg: augment_lib.AugmentConfig, height: int, width: int) -> dict:
+    """The parameters `augment_batch` draws for these seeds (for tests and inspection)."""
+    return jax.vmap(lambda k: sample_params(k, cfg, height, width))(keys_from_seeds(seeds))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def eval_batch(images: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
+    """The eval transform (centre `eval_crop` square resized to S) -> (B, S, S, 1) float32, normalised."""
+    images = _as_2d(images)
+    max_value = _max_value(images.dtype)
+    height, width = images.shape[1:]
+    side = min(height, width) * cfg.eval_crop
+    p = {"cx": width / 2, "cy": height / 2, "cw": side, "ch": side, "angle": 0.0, "flip": False}
+    coeffs = affine_coefficients(p, cfg.size)
+    x = jax.vmap(lambda im: warp(im, coeffs, cfg.size))(images)
+    return augment_lib.normalize(x, max_value=max_value)[..., None]
+
+
+def contrastive_views(batch: dict, cfg: augment_lib.AugmentConfig, dtype=jnp.float32):
+    """(query, key, hard negatives or None) as normalised float views, from a pipeline batch.
+
+    Batches made with `where="device"` carry `query_seed` / `key_seed` (/ `hard_negative_seeds`) and
+    are augmented here; host-augmented batches are only normalised. Call inside the jitted train step.
+    """
+    def views(images, seeds):
+        if seeds is None:
+            return augment_lib.normalize(images).astype(dtype)
+        lead = images.shape[:-3] if images.ndim == seeds.ndim + 2 else images.shape[:-2]
+        flat = images.reshape((-1,) + images.shape[len(lead):])
+        out = augment_batch(flat, seeds.reshape(-1, 2), cfg)
+        return out.reshape(lead + out.shape[1:]).astype(dtype)
+
+    x_q = views(batch["query"], batch.get("query_seed"))
+    x_k = views(batch["key"], batch.get("key_seed"))
+    hard = None
+    if "hard_negatives" in batch:
+        hard = views(batch["hard_negatives"], batch.get("hard_negative_seeds"))
+    return x_q, x_k, hard
