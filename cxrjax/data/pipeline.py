@@ -63,7 +63,7 @@ from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
 from cxrjax.data import augment as augment_lib
-from cxrjax.data import pairs, records, schema
+from cxrjax.data import images, pairs, records, schema
 
 # array_record and TFDS's proto are imported here, on the importing thread, never lazily inside a
 # reader thread: importing TFDS runs `etils.epy.lazy_imports()` blocks that swap `builtins.__import__`
@@ -343,6 +343,15 @@ class RecordReader:
         return self.features(record, ("image",))["image"]
 
 
+def open_reader(data: PreparedData):
+    """The reader of a prepared folder's split: its own records (`RecordReader`), or -- when its
+    manifest points at a TFDS dataset (`cxrjax.data.tfds_source.materialize`) -- that dataset's files,
+    read through the feature map (`tfds_source.TfdsReader`, the same interface)."""
+    from cxrjax.data import tfds_source
+
+    return tfds_source.open_reader(data.out, data.name, data.split)
+
+
 def decode_record(raw: bytes, want=("image",), fmt: records.ImageFormat | None = None) -> dict:
     """Fields of one serialized record: image (2-D array), text features (str), study_order, labels.
 
@@ -389,6 +398,16 @@ def _corrupt(report: dict) -> dict:
     return {CORRUPT_KEY: report}
 
 
+def _device_input_size(data: PreparedData, aug: augment_lib.AugmentConfig) -> int:
+    """Side of the square images handed to on-device augmentation: the prepared records' size
+    (manifest.json), else -- a source whose images vary in size -- the training size."""
+    try:
+        size = json.loads((Path(data.out) / "manifest.json").read_text()).get("records", {}).get("size")
+    except (OSError, ValueError, AttributeError):
+        size = None
+    return int(size) if size else int(aug.size)
+
+
 class ContrastiveExample:
     """(index, (epoch, record)) -> query + key (+ hard negatives), or a corrupt-record marker."""
 
@@ -399,10 +418,14 @@ class ContrastiveExample:
         self.seed, self.aug = cfg.seed, cfg.augment
         self.k = cfg.num_hard_negatives if data.hard is not None else 0
         self.on_device = cfg.augment.where == "device"
+        self.input_size = _device_input_size(data, cfg.augment) if self.on_device else 0
 
     def view(self, image: np.ndarray, epoch: int, row: int, slot: int) -> np.ndarray:
-        """Host: the augmented view. Device: the prepared pixels as they are (augmented in the step)."""
+        """Host: the augmented view. Device: the prepared pixels (augmented in the step); images of
+        another shape (a foreign TFDS source) are padded to the common square the batch needs."""
         if self.on_device:
+            if image.shape != (self.input_size, self.input_size):
+                image = images.fit_image(image, self.input_size, "pad")
             return image
         return augment_lib.augment(image, self.aug, augment_lib.example_rng(self.seed, epoch, row, slot))
 
@@ -573,7 +596,7 @@ def example_dataset(cfg: PipelineConfig, data: PreparedData | None = None,
     if data is None:
         data = load_prepared(cfg.data_dir, cfg.split, cfg.strategy if cfg.mode == "contrastive" else None,
                              cfg.hard_negatives if cfg.mode == "contrastive" else None, cfg.name)
-    reader = reader or RecordReader(data.out, data.name, data.split)
+    reader = reader or open_reader(data)
     if len(reader) != data.n:
         raise ValueError(f"split {data.split!r}: table.parquet lists {data.n} records but the shards hold "
                          f"{len(reader)}; the records and the table come from different prepare runs")
@@ -818,7 +841,7 @@ def vl_source(cfg: PipelineConfig, kind: str, data: PreparedData | None = None) 
     shuffled / sliced per process / repeated like `example_dataset`, corrupt records skipped
     (counted by the worker's log only; the VL job may want `CorruptAccountIterator` per source)."""
     data = data or load_prepared(cfg.data_dir, cfg.split, None, None, cfg.name)
-    reader = RecordReader(data.out, data.name, data.split)
+    reader = open_reader(data)
     ds = example_dataset(cfg, data, reader, transform=VLExample(data, reader, cfg, kind))
     return ds.filter(_is_good).to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=64))

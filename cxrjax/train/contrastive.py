@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from cxrjax import distributed
 from cxrjax.data import augment as augment_lib
+from cxrjax.data import device_augment
 from cxrjax.data import pipeline
 from cxrjax.models import moco
 from cxrjax.train import checkpoint as ckpt_lib
@@ -73,11 +74,22 @@ def default_config():
         hard_negatives=mlc.FieldReference(None, field_type=str), num_hard_negatives=0,
         num_workers=-1, read_threads=2, device_prefetch=2, max_corrupt=100,
     ))
+    # Or any TFDS dataset in array_record format (docs/tfds.md): its metadata becomes a cached prepared
+    # folder, its images are read from its own files. feature_map: canonical name -> source feature ('' =
+    # not mapped); split: 'train' or 'train=train,valid=validation' (canonical=source).
+    from cxrjax.data import tfds_source
+
+    c.data.tfds = mlc.ConfigDict(dict(name="", data_dir="", split="train", feature_map=dict(
+        image="image", image_id="", patient_id="", study_id="", study_order="", view="", laterality="",
+        report="", labels="", **dict.fromkeys(tfds_source.LABEL_KEYS, ""))))  # labels: vector, or one by one
     c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
     # MedAug: horizontal flip + rotation +-10 deg (MoCo-CXR), 320 px; crop_scale (0.95, 1) is their best variant.
     c.augment = mlc.ConfigDict(dict(
         size=320, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0, hflip_prob=0.5,
         brightness=0.0, contrast=0.0, jitter_prob=0.8, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
+        # device: the workers only read records; crop/rotate/flip(/jitter/blur) run jitted in the train
+        # step (cxrjax.data.device_augment). host: the workers augment (numpy/Pillow).
+        where="device",
     ))
     c.model = mlc.ConfigDict(dict(
         arch="resnet18", width=64, embed_dim=128, hidden_dim=512,  # MoCo v2 head 512 -> 512 -> 128
@@ -133,7 +145,17 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 
 def prepared_data_dir(config, note) -> str:
-    """config.data.dir, or the phantom data set prepared once into a cache folder."""
+    """config.data.dir, a TFDS dataset's prepared view (config.data.tfds), or the phantom data set
+    prepared once into a cache folder."""
+    tfds_cfg = config.data.get("tfds")  # MoCo configs have it; other jobs reuse this function without it
+    if tfds_cfg is not None and tfds_cfg.name:
+        if config.data.dir:
+            raise ValueError("set config.data.dir (a prepared folder) or config.data.tfds.name (a TFDS dataset), "
+                             "not both")
+        from cxrjax.data import tfds_source
+
+        return tfds_source.prepared_view(tfds_source.TfdsSource.from_config(tfds_cfg),
+                                         strategies=[config.data.strategy], note=note)
     if config.data.dir:
         d = Path(config.data.dir).expanduser()
         if not (d / "table.parquet").is_file():
@@ -220,11 +242,12 @@ def build_encoders(config, note):
 def make_train_step(config, q_graph, k_graph, tx, schedule):
     mc = config.moco
     bn_groups = mc.shuffle_bn_groups if mc.shuffle_bn else 1
+    aug = augment_lib.AugmentConfig.from_dict(config.augment)
 
     def train_step(state: TrainState, batch: dict):
         rng, shuffle_rng = jax.random.split(state.rng)
-        x_q = augment_lib.normalize(batch["query"]).astype(jnp.float32)
-        x_k = augment_lib.normalize(batch["key"]).astype(jnp.float32)
+        # where="device" batches are augmented here; host-augmented ones are only normalised
+        x_q, x_k, x_h = device_augment.contrastive_views(batch, aug)
         n = x_k.shape[0]
 
         # Momentum encoder: EMA first, then the keys (reference MoCo), shuffle BN across groups.
@@ -232,7 +255,7 @@ def make_train_step(config, q_graph, k_graph, tx, schedule):
         hard, hard_valid = None, None
         if "hard_negatives" in batch:
             h = batch["hard_negatives"]
-            x_all = jnp.concatenate([x_k, augment_lib.normalize(h).astype(jnp.float32).reshape((-1,) + x_k.shape[1:])])
+            x_all = jnp.concatenate([x_k, x_h.reshape((-1,) + x_k.shape[1:])])
             keys_all, k_stats = moco.encode_keys_shuffled(k_graph, k_params, state.k_stats, x_all, shuffle_rng,
                                                            num_groups=bn_groups)
             k_emb, hard = keys_all[:n], keys_all[n:].reshape(n, h.shape[1], -1)

@@ -109,6 +109,11 @@ def make_mesh(spec: Mapping[str, int], devices: Sequence | None = None) -> jax.s
     return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The batch axes ('data', 'fsdp') that `mesh` has (a test or tool may build a 1-D data mesh)."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_spec() -> P:
     return P(BATCH_AXES)
 

@@ -237,7 +237,7 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, num_paired: 
                                              first_bad_step=replicated))
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
     step_fn = make_train_step(config, graphdef, tx, schedule, num_paired)
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
@@ -288,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     note("Creating model and compiling the train step ...")
     setup = build_training(config, mesh, vocab_size, config.total_steps, counts.get("paired", 0))
-    iterator = vl_pipeline.make_vl_iterator(vl_cfg, tokenizer, mesh, axis=mesh_lib.BATCH_AXES)
+    iterator = vl_pipeline.make_vl_iterator(vl_cfg, tokenizer, mesh, axis=mesh_lib.batch_axes(mesh))
     logger = None
     try:
         state = setup.state
