@@ -30,6 +30,7 @@ import pandas as pd
 from absl import app, flags, logging
 
 from cxrjax.data import schema
+from cxrjax import xla_cpu
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A cxrjax MoCo run: WORKDIR (latest step) or WORKDIR/STEP.")
 _INIT = flags.DEFINE_enum("init", "checkpoint", ["checkpoint", "imagenet", "random"], "Where the encoder comes from.")
@@ -140,7 +141,7 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     from cxrjax.eval import features
 
-    features.tune_xla_cpu()  # before JAX creates its backend
+    xla_cpu.tune()  # before JAX creates its backend
     import jax
 
     from cxrjax.data import augment as augment_lib

@@ -18,6 +18,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cxrjax import xla_cpu
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/linear_eval.py[:demo]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results, ROC curves, feature cache).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -207,9 +209,7 @@ def main(argv) -> None:
     config = _CONFIG.value
     if config.get("job") != "linear_eval":
         raise app.UsageError(f"config.job={config.get('job')!r}; use configs/linear_eval.py")
-    from cxrjax.eval import features
-
-    features.tune_xla_cpu()  # same XLA:CPU convolution choice as the trainer (before JAX creates its backend)
+    xla_cpu.tune()  # same XLA:CPU convolution choice as the trainer (before JAX creates its backend)
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)

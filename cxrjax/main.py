@@ -16,10 +16,10 @@ CXRJAX_COORDINATOR / CXRJAX_NUM_PROCESSES / CXRJAX_PROCESS_ID variables).
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cxrjax import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/moco_patient.py[:demo].",
                                           lock_config=True)
@@ -34,24 +34,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 # a job's dependencies are loaded only by its runs).
 JOBS = {"moco": "cxrjax.train.contrastive", "mvlm": "cxrjax.train.mvlm"}
 
-# XLA:CPU's Eigen convolutions run the ResNet step 1.5-2x faster than the YNNPACK ones jaxlib 0.10 uses
-# by default (benchmarks/train_bench.py). The flag exists in jaxlib 0.10 only (an unknown XLA flag
-# aborts the process), it touches only the CPU backend, and a user's own XLA_FLAGS setting wins.
-CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def _tune_xla_cpu() -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        jaxlib_version = version("jaxlib")
-    except PackageNotFoundError:
-        return
-    current = os.environ.get("XLA_FLAGS", "")
-    if jaxlib_version.startswith("0.10.") and "ynn_fusion_type" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {CPU_CONV_FLAG}".strip()
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.optim.lr=0.1")
@@ -61,7 +43,7 @@ def main(argv) -> None:
     if config.get("job") not in JOBS:
         raise app.UsageError(f"config.job={config.get('job')!r}; expected one of {tuple(JOBS)}")
 
-    _tune_xla_cpu()  # before JAX creates its backend
+    xla_cpu.tune()  # before JAX creates its backend
     import importlib
 
     import jax

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from cxrjax.data import augment as augment_lib
 from cxrjax.data import pipeline
 from cxrjax.models import moco
+from cxrjax.train import mesh as mesh_lib
 
 OUTPUTS = ("backbone", "head")  # pooled backbone features (linear eval), or the L2-normalised MoCo embedding
 INITS = ("checkpoint", "imagenet", "random")
@@ -194,23 +195,9 @@ def make_forward(graphdef: nnx.GraphDef, output: str = "backbone"):
     return forward
 
 
-def tune_xla_cpu() -> None:
-    """The trainer's XLA:CPU convolution setting (cxrjax/main.py `_tune_xla_cpu`; importing that module would
-    define its absl flags a second time): Eigen convolutions, 1.5-2x faster than jaxlib 0.10's default."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        jaxlib_version = version("jaxlib")
-    except PackageNotFoundError:
-        return
-    current = os.environ.get("XLA_FLAGS", "")
-    if jaxlib_version.startswith("0.10.") and "ynn_fusion_type" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} --xla_cpu_experimental_ynn_fusion_type=-individual_convolution".strip()
-
-
 def batch_sharding(mesh) -> NamedSharding:
     """The batch split over every data-parallel axis of the mesh (the trainer's ('data', 'fsdp'))."""
-    return NamedSharding(mesh, P(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)))
+    return NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
 
 
 @functools.lru_cache(maxsize=8)
