@@ -200,6 +200,14 @@ class _Serializer:
 _SERIALIZERS: dict = {}
 
 
+def writer_options(pixels: str) -> str:
+    """ArrayRecord options: one record per chunk (random access). PNG bytes are already compressed;
+    raw pixels are stored uncompressed, because fast reading is what they are for: a 256 px phantom
+    image took 182 CPU-us to read with ArrayRecord's default zstd vs 88 uncompressed, which costs 15%
+    more bytes (64.8 vs 56.5 KiB per record)."""
+    return "group_size:1,uncompressed" if pixels == "raw" else "group_size:1"
+
+
 def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     """Write one shard (atomically) and its progress file; returns the progress record."""
     from array_record.python import array_record_module
@@ -211,7 +219,7 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     final = settings.shard_path(task)
     tmp = final.with_name(final.name + ".tmp")
     ok, failed = [], []
-    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), writer_options(settings.pixels))
     try:
         for row in task.rows:
             try:
