@@ -56,17 +56,6 @@ from cxrjax.data import augment, pairs, pipeline
 AUG = augment.AugmentConfig(size=224)  # MedAug geometry: crop scale [0.95, 1], +-10 deg, flip 0.5
 
 
-def ensure_data(args) -> Path:
-    out = Path(args.data)
-    if not (out / "manifest.json").is_file():
-        from cxrjax import prepare
-
-        print(f"preparing phantom data in {out} ({args.patients} patients, {args.prepared_size} px) ...", flush=True)
-        prepare.prepare_dataset("phantom", out, patients=args.patients, size=args.prepared_size, workers=0,
-                                strategies=[pairs.BEST_STRATEGY, "study-any_lat-any"])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # cxrjax
 

@@ -34,7 +34,6 @@ import functools
 import hashlib
 import logging
 from pathlib import Path
-from typing import Mapping
 
 import grain
 import numpy as np
