@@ -284,29 +284,17 @@ def _describe(r: dict) -> str:
             f"{r['shard']}): {r['reason']}")
 
 
-class RecordReader:
-    """Random access to the raw records of one split, and their decoding (no TensorFlow).
+class ShardedRecords:
+    """Random access to the raw records of one split spread over ArrayRecord shard files.
 
-    Decoding parses the TFDS example proto (upb, ~5 us) and the PNG with Pillow: ~4x faster than
-    `record_features().deserialize_example_np` (measured 1.2 ms vs 0.3 ms at 64 px). Raw-pixel
-    records (prepare --pixels=raw) need no decode: the image is one copy out of the record.
-    The kind is read once from the dataset's features.json (`records.image_format`).
-    Picklable: the shard readers are opened lazily in each process.
+    Subclasses set `split`, `files` and `starts` (cumulative record counts, starting at 0) and decode
+    (`features`). Picklable: the grain source is opened lazily in each process.
     """
 
-    def __init__(self, out: str | Path, name: str, split: str):
-        self.split = split
-        self.format = records.image_format(out, name)
-        self.files = records.shard_files(out, name, split)
-        if not self.files:
-            raise FileNotFoundError(f"no record shards for split {split!r} of {name!r} under {out}")
-        lengths = []
-        for f in self.files:
-            reader = array_record_module.ArrayRecordReader(f)
-            lengths.append(reader.num_records())
-            reader.close()
-        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self._source = None
+    split: str
+    files: list[str]
+    starts: np.ndarray
+    _source = None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -331,6 +319,33 @@ class RecordReader:
         except Exception as e:  # riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
             raise RecordError(self.report(record, f"unreadable: {type(e).__name__}: {e}")) from None
 
+    def image(self, record: int) -> np.ndarray:
+        return self.features(record, ("image",))["image"]
+
+
+class RecordReader(ShardedRecords):
+    """Random access to the raw records of one split, and their decoding (no TensorFlow).
+
+    Decoding parses the TFDS example proto (upb, ~5 us) and the PNG with Pillow: ~4x faster than
+    `record_features().deserialize_example_np` (measured 1.2 ms vs 0.3 ms at 64 px). Raw-pixel
+    records (prepare --pixels=raw) need no decode: the image is one copy out of the record.
+    The kind is read once from the dataset's features.json (`records.image_format`).
+    Picklable: the shard readers are opened lazily in each process.
+    """
+
+    def __init__(self, out: str | Path, name: str, split: str):
+        self.split = split
+        self.format = records.image_format(out, name)
+        self.files = records.shard_files(out, name, split)
+        if not self.files:
+            raise FileNotFoundError(f"no record shards for split {split!r} of {name!r} under {out}")
+        lengths = []
+        for f in self.files:
+            reader = array_record_module.ArrayRecordReader(f)
+            lengths.append(reader.num_records())
+            reader.close()
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
     def features(self, record: int, want=("image",)) -> dict:
         """Decode the fields `want` of one record: image -> 2-D uint8/uint16 array, text -> str."""
         raw = self.read(record)
@@ -338,9 +353,6 @@ class RecordReader:
             return decode_record(raw, want, self.format)
         except Exception as e:
             raise RecordError(self.report(record, f"undecodable: {type(e).__name__}: {e}")) from None
-
-    def image(self, record: int) -> np.ndarray:
-        return self.features(record, ("image",))["image"]
 
 
 def open_reader(data: PreparedData):

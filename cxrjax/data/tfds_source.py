@@ -47,6 +47,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 import cxrjax
 from cxrjax.data import metadata, schema
+from cxrjax.data.pipeline import RecordError, ShardedRecords
 
 REQUIRED = ("image", "patient_id")
 FIELDS = ("image", "image_id", "patient_id", "study_id", "study_order", "view", "laterality", "report", "labels")
@@ -341,11 +342,11 @@ def canonical_table(source: TfdsSource, builder=None) -> pd.DataFrame:
 # (b) the reader: pipeline.RecordReader's interface over the TFDS files
 
 
-class TfdsReader:
+class TfdsReader(ShardedRecords):
     """Random access to one split of a TFDS dataset, decoded the cxrjax way (2-D grayscale image).
 
-    Same interface as `pipeline.RecordReader`: len, where, report, read, features(record, want),
-    image(record). Picklable: shard readers open lazily in each worker process.
+    `pipeline.RecordReader`'s interface (shared `ShardedRecords`): len, where, report, read,
+    features(record, want), image(record). Picklable: shards open lazily in each worker process.
     """
 
     def __init__(self, source: TfdsSource, split: str, builder=None):
@@ -355,42 +356,13 @@ class TfdsReader:
         self._decoder = _Decoder(source, builder.info.features)
         lengths = list(builder.info.splits[source.splits[split]].shard_lengths)
         self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self._source = None
 
     @classmethod
     def from_manifest(cls, entry: dict, split: str) -> "TfdsReader":
         return cls(TfdsSource(entry["name"], entry["data_dir"], entry["splits"], entry["feature_map"]), split)
 
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_source": None}
-
-    def where(self, record: int) -> tuple[str, int]:
-        k = int(np.searchsorted(self.starts, record, side="right") - 1)
-        return self.files[k], int(record - self.starts[k])
-
-    def report(self, record: int, reason: str) -> dict:
-        shard, i = self.where(record)
-        return {"split": self.split, "record": int(record), "shard": shard, "shard_record": i, "reason": reason}
-
-    def read(self, record: int) -> bytes:
-        from cxrjax.data.pipeline import RecordError
-
-        if self._source is None:
-            import grain
-
-            self._source = grain.sources.ArrayRecordDataSource(self.files)
-        try:
-            return self._source[int(record)]
-        except Exception as e:
-            raise RecordError(self.report(record, f"unreadable: {type(e).__name__}: {e}")) from None
-
     def features(self, record: int, want=("image",)) -> dict:
         """image -> 2-D array; report and the other canonical text fields -> str; labels -> (14,)."""
-        from cxrjax.data.pipeline import RecordError
-
         raw = self.read(record)
         try:
             out = {}
@@ -421,8 +393,6 @@ class TfdsReader:
                 out[schema.CHEXPERT_LABELS.index(_LABEL_KEYS[key])] = float(value)
         return out
 
-    def image(self, record: int) -> np.ndarray:
-        return self.features(record, ("image",))["image"]
 
 
 def open_reader(out, name: str, split: str):
