@@ -33,6 +33,7 @@ from cxrjax.train import contrastive
 from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
 
+
 @struct.dataclass
 class TrainState:
     step: jax.Array
@@ -275,9 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tokenizer = load_or_train_tokenizer(config, vl_cfg, workdir, note)
     vocab_size = tokenizer.get_vocab_size()
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir, vocab_size))
-    if jax.process_index() == 0:
-        (Path(workdir) / "config.json").write_text(json.dumps({"config": config.to_dict(), "data_dir": data_dir},
-                                                              indent=1, default=list))
+    ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
 
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
     start = checkpointer.latest_step() or 0
@@ -326,7 +325,6 @@ def _steps_per_epoch(vl_cfg) -> int:
 
 def load_run(workdir: str, step: int | None = None):
     """(config, data_dir, tokenizer, model with the checkpoint's parameters, step) of a finished run."""
-    import ml_collections as mlc
     import orbax.checkpoint as ocp
 
     workdir = Path(workdir).resolve()
@@ -334,8 +332,8 @@ def load_run(workdir: str, step: int | None = None):
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: --checkpoint must be the workdir of a masked "
                                 "vision-language run (python -m cxrjax.main --config=configs/mvlm_*.py ...)")
-    saved = json.loads(cfg_path.read_text())
-    config = mlc.ConfigDict(saved["config"])
+    config = ckpt_lib.load_config(workdir)
+    data_dir = json.loads((workdir / "run.json").read_text())["data_dir"]  # the fingerprint has it
     tokenizer = tok_lib.load(workdir)
     manager = ocp.CheckpointManager(workdir / "checkpoints")
     step = step if step is not None else manager.latest_step()
@@ -355,4 +353,4 @@ def load_run(workdir: str, step: int | None = None):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     manager.close()
     model = nnx.merge(graphdef, restored.params)
-    return config, saved["data_dir"], tokenizer, model, int(step)
+    return config, data_dir, tokenizer, model, int(step)
