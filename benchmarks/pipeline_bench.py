@@ -12,10 +12,12 @@ timed windows of --seconds each (the machine is shared: the spread is printed to
     python benchmarks/pipeline_bench.py --profile                   # where the time goes, stage by stage
 
 cxrjax variants (--variants, comma list of PIXELS:WHERE):
-  png:host     PNG records, augmentation in the workers (numpy/Pillow) -- the issue-3 baseline
-  raw:host     raw-pixel records (prepare --pixels=raw: no decode), augmentation in the workers
+  png:host     PNG records, augmentation in the workers (numpy/OpenCV)
+  raw:host     raw-pixel records (prepare --pixels=raw: no decode), augmentation in the workers: what
+               the trainer runs on a CPU backend (augment.where="auto")
   png:device   PNG records; workers only decode; augmentation jitted on the JAX device
-  raw:device   raw-pixel records; workers only copy bytes; augmentation jitted on the device
+  raw:device   raw-pixel records; workers only copy bytes; augmentation jitted on the device (what
+               "auto" picks on an accelerator)
   raw:device:hostonly   the host part of raw:device alone (batches of pixels + seeds, no augmentation):
                what stays on the CPU when the device is an accelerator (not a like-for-like number)
 For ":device" the clock stops when the augmented float32 batch is ready on the device
@@ -32,10 +34,11 @@ RandomRotation, RandomHorizontalFlip[, ColorJitter, GaussianBlur], ToTensor, Nor
 torchvision itself is not installed, its PIL calls are reproduced) and a `torch.utils.data.DataLoader`
 with the same number of workers.
 
---train runs a ResNet-18 (cxrjax.models.resnet, NNX) MoCo-like step on the raw:device batches
-(augmentation inside the jitted step, as the trainer does with augment.where="device"): query
-forward+backward, key forward; it reports the fraction of wall time the loop waited for data, and
-the step's images/s alone on synthetic data.
+--train runs a ResNet-18 (cxrjax.models.resnet, NNX) MoCo-like step on raw-pixel batches augmented
+where augment.where="auto" puts it (--train_where; on this CPU: in the workers, the step only
+normalises; with "device" the augmentation is inside the jitted step): query forward+backward, key
+forward. It reports the fraction of wall time the loop waited for data, and the step's images/s
+alone (one batch fed again and again).
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ def bench_train(out: Path, args) -> dict:
     from cxrjax.data import device_augment
     from cxrjax.models import resnet
 
-    aug = dataclasses.replace(args.aug, where="device")
+    aug = dataclasses.replace(args.aug, where=augment.resolve_where(args.train_where))
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     model = resnet.resnet18(in_channels=1, num_classes=128, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
@@ -277,31 +280,30 @@ def bench_train(out: Path, args) -> dict:
         opt.update(model, grads)
         return loss
 
-    b, p = args.train_batch, args.prepared_size
-    fake = {"query": jnp.zeros((b, p, p, 1), jnp.uint8), "key": jnp.zeros((b, p, p, 1), jnp.uint8),
-            "query_seed": jnp.zeros((b, 2), jnp.uint32), "key_seed": jnp.ones((b, 2), jnp.uint32)}
-    step(model, opt, fake).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(args.train_steps):
-        loss = step(model, opt, fake)
-    loss.block_until_ready()
-    alone = b * 2 * args.train_steps / (time.perf_counter() - t)
-
+    b = args.train_batch
     cfg = pipeline.PipelineConfig(str(out), strategy=args.strategy, batch_size=b, augment=aug,
                                   num_workers=args.workers, read_threads=args.threads, device_prefetch=2)
     it = pipeline.make_iterator(cfg, mesh)
     batch = next(it)
-    step(model, opt, {k: batch[k] for k in fake}).block_until_ready()
+    keys = [k for k in ("query", "key", "query_seed", "key_seed") if k in batch]
+    step(model, opt, {k: batch[k] for k in keys}).block_until_ready()
     wait, t = 0.0, time.perf_counter()
     for _ in range(args.train_steps):
         t0 = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t0
-        loss = step(model, opt, {k: batch[k] for k in fake})
+        loss = step(model, opt, {k: batch[k] for k in keys})
         loss.block_until_ready()
     total = time.perf_counter() - t
-    it.close()
-    return {"step_images_per_s_synthetic": alone, "step_images_per_s_with_pipeline": b * 2 * args.train_steps / total,
+    it.close()  # before timing the step alone: the workers' start-up must not overlap it
+
+    fake = {k: batch[k] for k in keys}  # "alone": this one batch over and over, no input pipeline
+    t = time.perf_counter()
+    for _ in range(args.train_steps):
+        loss = step(model, opt, fake)
+        loss.block_until_ready()
+    alone = b * 2 * args.train_steps / (time.perf_counter() - t)
+    return {"where": aug.where, "step_images_per_s_alone": alone, "step_images_per_s_with_pipeline": b * 2 * args.train_steps / total,
             "input_wait_fraction": wait / total}
 
 
@@ -341,7 +343,7 @@ def profile_stages(args) -> None:
         "read record bytes (ArrayRecord)": lambda: [png.read(i) for i in range(n)],
         "read + decode PNG record": lambda: [png.image(i) for i in range(n)],
         "read + decode raw record": lambda: [raw.image(i) for i in range(n)],
-        "host augment (Pillow affine, numpy)": lambda: [augment.augment(im, args.aug, r) for im, r in zip(images, host_aug)],
+        "host augment (OpenCV affine, numpy)": lambda: [augment.augment(im, args.aug, r) for im, r in zip(images, host_aug)],
         f"torch ref: open + decode {args.file_ext} file (PIL)": lambda: [decode_file(f) for f in files],
         "torch ref: transform chain (PIL + torch)": lambda: [torch_transform(Image.fromarray(im)) for im in images],
     }
@@ -388,6 +390,7 @@ def main():
     p.add_argument("--train", action="store_true", help="also measure ResNet-18 steps and the input wait")
     p.add_argument("--train_batch", type=int, default=16)
     p.add_argument("--train_steps", type=int, default=10)
+    p.add_argument("--train_where", default="auto", choices=augment.WHERE, help="augmentation of the --train run")
     args = p.parse_args()
     args.aug = augment.STRONG if args.strong else AUG
     args.aug = dataclasses.replace(args.aug, size=224)
@@ -418,8 +421,8 @@ def main():
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
     if args.train:
         r = bench_train(ensure_data(args, "raw"), args)
-        print(f"ResNet-18 MoCo-like step alone (batch {args.train_batch}, augmentation on device): "
-              f"{r['step_images_per_s_synthetic']:.1f} images/s; with the raw:device pipeline: "
+        print(f"ResNet-18 MoCo-like step alone (batch {args.train_batch}, augmentation on the {r['where']}): "
+              f"{r['step_images_per_s_alone']:.1f} images/s; with the raw:{r['where']} pipeline: "
               f"{r['step_images_per_s_with_pipeline']:.1f} images/s; input-wait fraction {r['input_wait_fraction']:.3f}")
 
 

@@ -68,7 +68,9 @@ def test_sharded_over_devices_equals_single_device():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     out = D.augment_batch(jax.device_put(imgs, sharding), jax.device_put(seeds, sharding), CFG)
     assert out.sharding.is_equivalent_to(sharding, out.ndim)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(D.augment_batch(imgs, seeds, CFG)), atol=1e-5)
+    # the two compilations may round the sample coordinates differently (FMA contraction); next to the
+    # zero border a 1e-5 px shift is up to 1e-3 grey levels = 5e-5 normalised units
+    np.testing.assert_allclose(np.asarray(out), np.asarray(D.augment_batch(imgs, seeds, CFG)), atol=2e-4)
 
 
 def _host_params(p: dict, i: int) -> A.Params:
@@ -78,7 +80,7 @@ def _host_params(p: dict, i: int) -> A.Params:
 
 
 def test_matches_the_host_transform_for_the_same_parameters():
-    """Warp + jitter against augment.apply (Pillow) with the very parameters the device drew."""
+    """Warp + jitter against augment.apply (OpenCV) with the very parameters the device drew."""
     cfg = A.AugmentConfig(size=48, rotation=25.0, crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3,
                           jitter_prob=1.0, where="device")
     imgs, seeds = _images(8, seed=1), _seeds(range(8), seed=5)
@@ -87,8 +89,8 @@ def test_matches_the_host_transform_for_the_same_parameters():
     for i in range(8):
         host = A.apply(imgs[i], _host_params(p, i), 48).astype(np.float32)
         diff = np.abs(dev[i] - host)
-        # Pillow rounds twice (warp, then the jitter table) to uint8, i.e. up to 1 grey level apart, and
-        # treats the source border slightly differently: compare away from it
+        # the host rounds twice (warp, then the jitter table) to uint8, i.e. up to 1 grey level apart,
+        # and OpenCV's fixed-point weights (1/32 px) move edges a little: compare away from the border
         assert diff[4:-4, 4:-4].mean() < 1.0 and np.median(diff) <= 1.0, (i, diff.mean(), diff.max())
 
 

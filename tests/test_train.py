@@ -58,7 +58,9 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_kill_minus_9_and_resume_is_bitwise_identical(tmp_path, phantom_dir):
-    steps = ["--config.total_steps=14", "--config.checkpoint_every=3"]
+    # the accelerator path (augmentation inside the jitted step); "auto" picks the host path on CPU,
+    # whose resume is covered in test_pipeline
+    steps = ["--config.total_steps=14", "--config.checkpoint_every=3", "--config.augment.where=device"]
     straight = tmp_path / "straight"
     _run(_cmd(straight, phantom_dir, *steps))
     expected = _losses(straight)
@@ -154,6 +156,9 @@ def test_incompatible_workdir_is_refused(tmp_path, phantom_dir):
     _run(_cmd(work, phantom_dir, "--config.total_steps=2", "--config.checkpoint_every=2"))
     r = _run(_cmd(work, phantom_dir, "--config.total_steps=4", "--config.model.arch=resnet50"), check=False)
     assert r.returncode != 0 and "different setup" in r.stderr and "arch" in r.stderr
+    # "auto" resolved to the host path on CPU; the device path draws other random numbers
+    r = _run(_cmd(work, phantom_dir, "--config.total_steps=4", "--config.augment.where=device"), check=False)
+    assert r.returncode != 0 and "augment_where: checkpoint has 'host', config has 'device'" in r.stderr
     run = json.loads((work / "run.json").read_text())
-    assert run["arch"] == "resnet18"
+    assert run["arch"] == "resnet18" and run["augment_where"] == "host"
     assert json.loads((work / "config.json").read_text())["model"]["arch"] == "resnet18"  # not the refused one

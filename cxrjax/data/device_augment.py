@@ -9,7 +9,7 @@ slot)`). Here, per view:
    uniform angle; flip, jitter and blur coins);
 2. crop + scale + rotation + flip are ONE inverse affine map (output pixel -> source pixel, exactly
    `augment.affine_coefficients`), applied by bilinear sampling (4 gathers per output pixel; zero
-   outside the source) straight to the output size;
+   outside the source, as OpenCV's BORDER_CONSTANT on the host) straight to the output size;
 3. brightness then contrast around the image mean (torchvision's order), clipped to the pixel range;
 4. Gaussian blur with a per-view sigma: a separable kernel of fixed radius ceil(3 * max sigma), so
    the shapes are static and the batch stays one vectorised op;
@@ -84,10 +84,17 @@ def affine_coefficients(p: dict, size: int) -> jax.Array:
 def warp(image: jax.Array, coeffs: jax.Array, size: int) -> jax.Array:
     """Bilinear affine resampling of one (H, W) image to (size, size) float32; zero outside the image.
 
-    Pixel centres sit at +0.5 (Pillow's convention), so `coeffs` are the same numbers Pillow's
-    Image.transform(AFFINE) takes.
+    Pixel centres sit at +0.5 (Pillow's convention), so `coeffs` (6,) are the numbers Pillow's
+    Image.transform(AFFINE) takes. The image gets a 2-pixel zero border and every tap is clamped into
+    it, so no tap needs an inside test, and each of the 4 gathered taps is used once (measured on
+    XLA:CPU, `augment_batch` at 224 px, batch 64: ~395 CPU-us per view, vs ~505 with inside masks and
+    ~1000 when a gathered tap is used twice: XLA then gathers it twice). Vmapped over a batch, the
+    gathers keep the batch dimension, so a batch sharded over devices is warped where it lies.
     """
     height, width = image.shape
+    pad = 2
+    cols = width + 2 * pad
+    flat = jnp.pad(image, pad).astype(jnp.float32).reshape(-1)
     grid = np.arange(size, dtype=np.float32) + 0.5
     xo, yo = grid[None, :], grid[:, None]
     a, b, c, d, e, f = (coeffs[i] for i in range(6))
@@ -95,17 +102,19 @@ def warp(image: jax.Array, coeffs: jax.Array, size: int) -> jax.Array:
     ys = d * xo + e * yo + f - 0.5
     x0, y0 = jnp.floor(xs), jnp.floor(ys)
     fx, fy = xs - x0, ys - y0
-    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    flat = image.reshape(-1)
+    # a tap at -2..-1 or W..W+1 reads the zero border; anything further out is clamped there
+    x0 = jnp.clip(x0.astype(jnp.int32), -pad, width) + pad
+    y0 = jnp.clip(y0.astype(jnp.int32), -pad, height) + pad
+    i = y0 * cols + x0
+    v00, v01, v10, v11 = (jnp.take(flat, i + k, mode="clip") for k in (0, 1, cols, cols + 1))
+    top = v00 + fx * (v01 - v00)
+    bottom = v10 + fx * (v11 - v10)
+    return top + fy * (bottom - top)
 
-    def tap(yi, xi):
-        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-        v = jnp.take(flat, jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1), mode="clip")
-        return jnp.where(inside, v.astype(jnp.float32), 0.0)
 
-    top = (1 - fx) * tap(y0, x0) + fx * tap(y0, x0 + 1)
-    bottom = (1 - fx) * tap(y0 + 1, x0) + fx * tap(y0 + 1, x0 + 1)
-    return (1 - fy) * top + fy * bottom
+def warp_batch(images: jax.Array, coeffs: jax.Array, size: int) -> jax.Array:
+    """`warp` of (B, H, W) images with (B, 6) coefficients -> (B, size, size) float32."""
+    return jax.vmap(lambda im, c: warp(im, c, size))(images, coeffs)
 
 
 def jitter(x: jax.Array, brightness, contrast, max_value: float) -> jax.Array:
@@ -174,7 +183,9 @@ def augment_batch(images: jax.Array, seeds: jax.Array, cfg: augment_lib.AugmentC
     height, width = images.shape[1:]
 
     p = jax.vmap(lambda key: sample_params(key, cfg, height, width))(keys_from_seeds(seeds))
-    x = jax.vmap(lambda image, q: apply_params(image, q, cfg, max_value))(images, p)
+    x = warp_batch(images, jax.vmap(lambda q: affine_coefficients(q, cfg.size))(p), cfg.size)
+    if cfg.brightness or cfg.contrast:  # static: switched-off parts cost nothing
+        x = jax.vmap(lambda im, b, c: jitter(im, b, c, max_value))(x, p["brightness"], p["contrast"])
     if cfg.blur_prob > 0:
         x = gaussian_blur(x, p["blur_sigma"], blur_radius(cfg))
     return augment_lib.normalize(x, max_value=max_value)[..., None]
@@ -194,8 +205,8 @@ def eval_batch(images: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
     height, width = images.shape[1:]
     side = min(height, width) * cfg.eval_crop
     p = {"cx": width / 2, "cy": height / 2, "cw": side, "ch": side, "angle": 0.0, "flip": False}
-    coeffs = affine_coefficients(p, cfg.size)
-    x = jax.vmap(lambda im: warp(im, coeffs, cfg.size))(images)
+    coeffs = jnp.broadcast_to(affine_coefficients(p, cfg.size), (images.shape[0], 6))
+    x = warp_batch(images, coeffs, cfg.size)
     return augment_lib.normalize(x, max_value=max_value)[..., None]
 
 

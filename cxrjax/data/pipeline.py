@@ -429,7 +429,7 @@ class ContrastiveExample:
         self.data, self.reader = data, reader
         self.seed, self.aug = cfg.seed, cfg.augment
         self.k = cfg.num_hard_negatives if data.hard is not None else 0
-        self.on_device = cfg.augment.where == "device"
+        self.on_device = augment_lib.resolve_where(cfg.augment.where) == "device"
         self.input_size = _device_input_size(data, cfg.augment) if self.on_device else 0
 
     def view(self, image: np.ndarray, epoch: int, row: int, slot: int) -> np.ndarray:

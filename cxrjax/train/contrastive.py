@@ -88,8 +88,9 @@ def default_config():
         size=320, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0, hflip_prob=0.5,
         brightness=0.0, contrast=0.0, jitter_prob=0.8, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
         # device: the workers only read records; crop/rotate/flip(/jitter/blur) run jitted in the train
-        # step (cxrjax.data.device_augment). host: the workers augment (numpy/Pillow).
-        where="device",
+        # step (cxrjax.data.device_augment). host: the workers augment (numpy/OpenCV). auto: host when
+        # JAX runs on the CPU (faster there: README "Input pipeline"), device on an accelerator.
+        where="auto",
     ))
     c.model = mlc.ConfigDict(dict(
         arch="resnet18", width=64, embed_dim=128, hidden_dim=512,  # MoCo v2 head 512 -> 512 -> 128
@@ -346,7 +347,9 @@ def _fingerprint(config, data_dir: str) -> dict:
     return {"job": "moco", "arch": config.model.arch, "width": config.model.width, "embed_dim": config.model.embed_dim,
             "hidden_dim": config.model.hidden_dim, "queue_size": config.moco.queue_size, "optim": config.optim.name,
             "batch_size": config.batch_size, "data_dir": str(Path(data_dir).resolve()), "seed": config.seed,
-            "strategy": config.data.strategy, "process_count": jax.process_count()}
+            "strategy": config.data.strategy, "process_count": jax.process_count(),
+            # host and device draw different random numbers: a resume must keep the path
+            "augment_where": augment_lib.resolve_where(config.augment.where)}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
