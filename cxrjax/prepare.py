@@ -69,7 +69,8 @@ def _label_counts(table: pd.DataFrame) -> dict:
     return out
 
 
-def _counts(table: pd.DataFrame) -> dict:
+def manifest_counts(table: pd.DataFrame) -> dict:
+    """The manifest's `counts`: images, patients, studies, per split (views, laterality, reports), labels."""
     by_split = {}
     for split, part in table.groupby("split", sort=False):
         by_split[split] = {
@@ -82,7 +83,8 @@ def _counts(table: pd.DataFrame) -> dict:
             "studies": int(table["study_id"].nunique()), "splits": by_split, "labels": _label_counts(table)}
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
@@ -205,14 +207,14 @@ def prepare_dataset(
         "phantom": {"patients": patients, "seed": seed} if source == "phantom" else None,
         "pairs_only": pairs_only,
         "records": record_info,
-        "counts": _counts(table),
+        "counts": manifest_counts(table),
         "input_rows": n_input,
         "bad_inputs": {"count": len(bad), "items": bad},
         "pairs": {"include_self": include_self, "strategies": pair_stats},
         "reports": n_reports,
         "timings": timings,
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 

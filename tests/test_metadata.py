@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -486,9 +485,7 @@ def test_real_nih1000_and_shared():
 @needs_shared
 def test_real_chexpert_train():
     path = SHARED / "metadata" / "chexpert_train.csv.gz"
-    start = time.perf_counter()
-    r = M.load_chexpert_csv(path)
-    elapsed = time.perf_counter() - start
+    r = M.load_chexpert_csv(path)  # its load time is benchmarks/prepare_bench.py's "table" line
     raw = pd.read_csv(path)
     ids = raw["Path"].str.split("/")
     t = r.table
@@ -503,7 +500,6 @@ def test_real_chexpert_train():
     assert t["study_order"].tolist() == expect.tolist()
     for c in CHEXPERT_LABELS:
         np.testing.assert_array_equal(t[c].to_numpy(), raw[c].to_numpy(dtype=np.float32))
-    assert elapsed < 10, f"load_chexpert_csv took {elapsed:.1f}s"
 
 
 @needs_shared

@@ -281,37 +281,6 @@ def test_config_errors(data_dir):
         pipeline.load_prepared(data_dir / "nothing")
 
 
-def test_mixed_sources_proportions_and_state(data_dir):
-    """paired / image / text sources mixed 0.5 / 0.3 / 0.2: realised shares, tags, and a state that
-    restores every source where it was."""
-    cfg = _cfg(data_dir)
-    data = pipeline.load_prepared(data_dir, "train", None)
-    sources = {kind: pipeline.vl_source(cfg, kind, data) for kind in pipeline.VL_KINDS}
-    mixed = pipeline.mixed_dataset(sources, {"paired": 0.5, "image": 0.3, "text": 0.2})
-    it = mixed.__iter__()
-    first = [next(it) for _ in range(20)]
-    state = it.get_state()
-    rest = [next(it) for _ in range(80)]
-    tags = [ex["source"] for ex in first + rest]
-    shares = {k: tags.count(k) / len(tags) for k in pipeline.VL_KINDS}
-    assert shares == pytest.approx({"paired": 0.5, "image": 0.3, "text": 0.2}, abs=0.03)
-    for ex in first + rest:
-        assert ("image" in ex) == (ex["source"] != "text") and ("report" in ex) == (ex["source"] != "image")
-        if "image" in ex:
-            assert ex["image"].shape == (SIZE, SIZE, 1)
-        if "report" in ex:
-            assert isinstance(ex["report"], str) and ex["report"]
-    assert set(state["parents"]) == set(pipeline.VL_KINDS)  # one entry per source, by name
-    assert sum(v["next_index"] for v in state["parents"].values()) == 20
-    it2 = mixed.__iter__()
-    it2.set_state(state)
-    again = [next(it2) for _ in range(80)]
-    for x, y in zip(rest, again):
-        assert x["source"] == y["source"] and x["row"] == y["row"]
-        if "image" in x:
-            assert np.array_equal(x["image"], y["image"])
-
-
 def test_raw_pixel_records_give_the_same_batches(data_dir, raw_dir):
     """Raw-pixel records hold exactly the PNG records' pixels: same images, same batches, no decode."""
     png = pipeline.RecordReader(data_dir, "phantom", "train")

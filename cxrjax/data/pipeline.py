@@ -11,7 +11,8 @@ Read top to bottom, the stages are:
                                         -> mp_prefetch(workers) -> corrupt-record accounting
     DeviceIterator / make_iterator      numpy batches -> global jax.Arrays on the mesh's data axis,
                                         prefetched to the device, checkpointable
-    mixed_dataset                       several sources (paired / image / text) mixed by weight
+    VLExample                           one vision-language example (paired / image / text); the
+                                        masked vision-language job's batches: `vl_pipeline`
 
 Determinism: the order of epoch e is grain's index shuffle with seed (hash(seed) + e); process p of P
 takes positions p, p+P, ... of it, so P processes together see every record of the split once per
@@ -784,35 +785,7 @@ def checkpoint_args(iterator, restore: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mixed sources (masked vision-language job)
-
-
-def _is_good(ex: dict) -> bool:
-    return CORRUPT_KEY not in ex
-
-
-def _tag(name: str, ex: dict) -> dict:
-    return {**ex, "source": name}
-
-
-def mixed_dataset(sources: Mapping[str, grain.MapDataset | grain.IterDataset],
-                  weights: Mapping[str, float]) -> grain.IterDataset:
-    """Mix named sources by weight; each example gets `source` = its name.
-
-    The state of the result holds one entry per source name (grain's mix over a mapping), so a
-    checkpoint restores every source where it was -- and a source added later starts fresh.
-    Sources should repeat forever (the mix stops when any source ends).
-    """
-    if set(sources) != set(weights):
-        raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must have the same names")
-    if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {dict(weights)}")
-    tagged = {}
-    for name, ds in sources.items():
-        if isinstance(ds, grain.MapDataset):
-            ds = ds.to_iter_dataset()
-        tagged[name] = ds.map(functools.partial(_tag, name))
-    return grain.IterDataset.mix(tagged, {k: float(weights[k]) for k in tagged})
+# Vision-language examples (mixed into fixed-share batches by `vl_pipeline`)
 
 
 VL_KINDS = ("paired", "image", "text")
@@ -846,14 +819,3 @@ class VLExample:
         if "report" in f:
             ex["report"] = f["report"]
         return ex
-
-
-def vl_source(cfg: PipelineConfig, kind: str, data: PreparedData | None = None) -> grain.IterDataset:
-    """One source of the masked vision-language job: per-example (unbatched) stream of `kind`,
-    shuffled / sliced per process / repeated like `example_dataset`, corrupt records skipped
-    (counted by the worker's log only; the VL job may want `CorruptAccountIterator` per source)."""
-    data = data or load_prepared(cfg.data_dir, cfg.split, None, None, cfg.name)
-    reader = open_reader(data)
-    ds = example_dataset(cfg, data, reader, transform=VLExample(data, reader, cfg, kind))
-    return ds.filter(_is_good).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=64))

@@ -443,14 +443,14 @@ def materialize(source: TfdsSource, out, *, strategies=None, include_self: bool 
         "records": {"tfds_dir": os.fspath(builder.data_dir), "files": files,
                     "shard_lengths": {s: list(builder.info.splits[source.splits[s]].shard_lengths)
                                       for s in source.splits}},
-        "counts": prepare._counts(table),
+        "counts": prepare.manifest_counts(table),
         "input_rows": len(table),
         "bad_inputs": {"count": 0, "items": []},
         "pairs": {"include_self": include_self, "strategies": pair_stats},
         "reports": None,
         "timings": {},
     }
-    prepare._write_json(out / "manifest.json", manifest)
+    prepare.write_json(out / "manifest.json", manifest)
     return manifest
 
 
