@@ -411,6 +411,11 @@ def _corrupt(report: dict) -> dict:
     return {CORRUPT_KEY: report}
 
 
+def _is_good(ex: dict) -> bool:
+    """Not a corrupt-record marker (a filter for streams without the batch-level skip)."""
+    return CORRUPT_KEY not in ex
+
+
 def _device_input_size(data: PreparedData, aug: augment_lib.AugmentConfig) -> int:
     """Side of the square images handed to on-device augmentation: the prepared records' size
     (manifest.json), else -- a source whose images vary in size -- the training size."""

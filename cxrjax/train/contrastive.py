@@ -364,6 +364,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     note("Creating input pipeline ...")
     data_dir = prepared_data_dir(config, note)
     pcfg = pipeline_config(config, data_dir)
+    note(f"augmentation on the {augment_lib.resolve_where(config.augment.where)} (augment.where="
+         f"{config.augment.where!r}, JAX backend {jax.default_backend()})")
     data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name)
     steps_per_epoch = data.n // config.batch_size
     if steps_per_epoch == 0:
