@@ -220,7 +220,7 @@ class FilePairs:
 
     def __getitem__(self, rec: int):
         row = int(self.data.split_rows[rec])
-        partner = int(pairs.sample_positive(self.data.positives, np.array([row]), self.seed, 0)[0])
+        partner = pairs.positive_of(self.data.positives, row, self.seed, 0)
         return self._load(row), self._load(partner), row
 
 
@@ -243,7 +243,7 @@ def bench_torch(out: Path, args) -> list[float]:
     try:
         return timed(next_batch, args)
     finally:
-        del it
+        del it  # the DataLoader's workers end before JAX starts its threads in this process
 
 
 # ----------------------------------------------------------------------------------------------

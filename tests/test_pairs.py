@@ -19,6 +19,7 @@ from cxrjax.data.pairs import (
     group_size_stats,
     load_pair_index,
     metadata_codes,
+    positive_of,
     sample_hard_negatives,
     sample_positive,
     save_pair_index,
@@ -310,6 +311,17 @@ def test_sample_positive_in_group_deterministic_and_epoch_dependent():
     big = np.arange(8)
     diffs = sum((sample_positive(idx, big, 1, e) != sample_positive(idx, big, 1, e + 1)).sum() for e in range(50))
     assert diffs > 100  # 7 rows with groups of size 1..4; ~ 2/3 change per epoch
+
+
+def test_positive_of_is_sample_positive_for_one_row():
+    """The scalar path the input pipeline uses gives exactly the vectorised partners."""
+    idx = build_pair_index(_table(), "study-any_lat-any")
+    rows = np.arange(idx.n)
+    for seed, epoch in [(0, 0), (1, 3), (2**63 + 5, 7), (12345, 2**40)]:
+        want = sample_positive(idx, rows, seed, epoch)
+        assert [positive_of(idx, r, seed, epoch) for r in rows] == want.tolist()
+    with pytest.raises(IndexError, match="out of range"):
+        positive_of(idx, idx.n, 0, 0)
 
 
 def test_sample_positive_uniform_over_group_of_four():

@@ -60,6 +60,7 @@ __all__ = [
     "load_pair_index",
     "group_size_stats",
     "sample_positive",
+    "positive_of",
     "sample_hard_negatives",
 ]
 
@@ -479,6 +480,19 @@ def sample_positive(index: PairIndex, rows: np.ndarray, seed: int, epoch: int) -
     with np.errstate(over="ignore"):
         h = _splitmix64(rows.astype(np.uint64) ^ _key(seed, epoch, _STREAM_POSITIVE))
     return index.members[start + _uniform_index(h, size)].astype(np.int64)
+
+
+def positive_of(index: PairIndex, row: int, seed: int, epoch: int) -> int:
+    """`sample_positive` for one row, in Python int arithmetic: the same partner, without the ~15 numpy
+    calls on 1-element arrays that made it 10x slower per example in the input pipeline."""
+    row = int(row)
+    if not 0 <= row < index.n:
+        raise IndexError(f"row {row} out of range [0, {index.n})")
+    start, end = int(index.offsets[row]), int(index.offsets[row + 1])
+    if end == start:
+        raise ValueError("empty group in a positive index (use sample_hard_negatives for hard negatives)")
+    h = _splitmix64_int(row ^ int(_key(seed, epoch, _STREAM_POSITIVE)))
+    return int(index.members[start + (((h >> 32) * (end - start)) >> 32)])
 
 
 def sample_hard_negatives(index: PairIndex, rows: np.ndarray, k: int, seed: int, epoch: int) -> np.ndarray:

@@ -451,7 +451,7 @@ class ContrastiveExample:
         epoch, record = item
         d = self.data
         row = int(d.split_rows[record])
-        partner = int(pairs.sample_positive(d.positives, np.array([row]), self.seed, epoch)[0])
+        partner = pairs.positive_of(d.positives, row, self.seed, epoch)
         try:
             image = self.reader.image(record)
             other = image if partner == row else self.reader.image(int(d.record_of_row[partner]))
