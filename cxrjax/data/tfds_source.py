@@ -394,7 +394,6 @@ class TfdsReader(ShardedRecords):
         return out
 
 
-
 def open_reader(out, name: str, split: str):
     """The reader of a prepared folder's split: `TfdsReader` if its manifest points at a TFDS source,
     else the folder's own records (`pipeline.RecordReader`). Same arguments as RecordReader."""

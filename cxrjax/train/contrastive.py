@@ -179,13 +179,15 @@ def prepared_data_dir(config, note) -> str:
 
 
 def pipeline_config(config, data_dir: str) -> pipeline.PipelineConfig:
+    """The input pipeline of a run; augment.where "auto" resolved here, once, for this backend."""
     d = config.data
+    aug = augment_lib.AugmentConfig.from_dict(config.augment)
     return pipeline.PipelineConfig(
         data_dir=data_dir, name=d.name, split=d.split, mode="contrastive", strategy=d.strategy,
         hard_negatives=d.hard_negatives, num_hard_negatives=d.num_hard_negatives,
         batch_size=config.batch_size, seed=config.seed, num_workers=d.num_workers,
         read_threads=d.read_threads, device_prefetch=d.device_prefetch, max_corrupt=d.max_corrupt,
-        augment=augment_lib.AugmentConfig.from_dict(config.augment),
+        augment=dataclasses.replace(aug, where=augment_lib.resolve_where(aug.where)),
     )
 
 
@@ -342,14 +344,14 @@ def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Train
 # The job
 
 
-def _fingerprint(config, data_dir: str) -> dict:
+def _fingerprint(config, pcfg: pipeline.PipelineConfig) -> dict:
     """What a checkpoint must agree with to be resumed."""
     return {"job": "moco", "arch": config.model.arch, "width": config.model.width, "embed_dim": config.model.embed_dim,
             "hidden_dim": config.model.hidden_dim, "queue_size": config.moco.queue_size, "optim": config.optim.name,
-            "batch_size": config.batch_size, "data_dir": str(Path(data_dir).resolve()), "seed": config.seed,
+            "batch_size": config.batch_size, "data_dir": str(Path(pcfg.data_dir).resolve()), "seed": config.seed,
             "strategy": config.data.strategy, "process_count": jax.process_count(),
             # host and device draw different random numbers: a resume must keep the path
-            "augment_where": augment_lib.resolve_where(config.augment.where)}
+            "augment_where": pcfg.augment.where}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -364,7 +366,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     note("Creating input pipeline ...")
     data_dir = prepared_data_dir(config, note)
     pcfg = pipeline_config(config, data_dir)
-    note(f"augmentation on the {augment_lib.resolve_where(config.augment.where)} (augment.where="
+    note(f"augmentation on the {pcfg.augment.where} (augment.where="
          f"{config.augment.where!r}, JAX backend {jax.default_backend()})")
     data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name)
     steps_per_epoch = data.n // config.batch_size
@@ -382,7 +384,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     setup = build_training(config, mesh, total_steps, note)
     state, abstract, state_sharding, train_step = setup.state, setup.abstract, setup.state_sharding, setup.train_step
 
-    ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir))
+    ckpt_lib.check_run_compatible(workdir, _fingerprint(config, pcfg))
     ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
     iterator = pipeline.make_iterator(pcfg, mesh, data=data, axis=mesh_lib.BATCH_AXES)
