@@ -4,9 +4,12 @@
 
     explicit   coordinator/num_processes/process_id given (flags, or CXRJAX_COORDINATOR,
                CXRJAX_NUM_PROCESSES, CXRJAX_PROCESS_ID): launch/local.sh, hand-made clusters
-    slurm      inside an `srun` step with more than one task: coordinator = first host of the job's
-               node list, port derived from the job id; process = SLURM_PROCID of SLURM_NTASKS;
-               one task per GPU (SLURM_NTASKS_PER_NODE > 1) pins the task to GPU SLURM_LOCALID
+    slurm      inside an `srun` step with more than one task: coordinator = first host of the step's
+               node list, port derived from the job id; process = SLURM_PROCID of SLURM_NTASKS.
+               GPUs: a task that sees exactly its own GPU(s) (srun --gpus-per-task, or one task per
+               node) uses all it sees; tasks sharing a node that all see every GPU of it split them
+               by SLURM_LOCALID. A job of several tasks started WITHOUT srun (the batch script itself,
+               an salloc shell) is refused with one line: it would wait forever for the other tasks.
     tpu        on the workers of a multi-host Cloud TPU VM (CXRJAX_DISTRIBUTED=tpu, or the TPU
                worker list in the environment): JAX reads the topology from the TPU metadata
     single     none of the above: nothing to do (one process, all local devices)
@@ -36,11 +39,15 @@ class Plan:
     local_device_ids: tuple[int, ...] | None = None
 
     def kwargs(self) -> dict:
-        """Arguments for `jax.distributed.initialize` (empty for 'tpu': JAX auto-detects)."""
+        """Arguments for `jax.distributed.initialize` (empty for 'tpu': JAX auto-detects).
+
+        Everything is decided here, so JAX's own cluster detection is switched off: under SLURM it
+        would otherwise fill in local_device_ids=[SLURM_LOCALID] whenever we leave it unset, and a
+        one-task-per-node run would use GPU 0 of each node only."""
         if self.mode == "tpu":
             return {}
         kw = dict(coordinator_address=self.coordinator_address, num_processes=self.num_processes,
-                  process_id=self.process_id)
+                  process_id=self.process_id, cluster_detection_method="deactivate")
         if self.local_device_ids is not None:
             kw["local_device_ids"] = list(self.local_device_ids)
         return kw
@@ -101,6 +108,73 @@ def slurm_port(job_id: str) -> int:
     return int(job_id) % 4096 + 61440
 
 
+# Step ids SLURM gives the job's own processes rather than an srun step: batch script, extern,
+# interactive, pending (0xfffffffa..0xffffffff over SLURM versions).
+_SLURM_SPECIAL_STEP_MIN = 0xFFFFFFF0
+
+
+def slurm_in_step(env: Mapping[str, str]) -> bool:
+    """True inside an `srun` step; False in the batch script, an salloc shell or an interactive step."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+    return step.isdigit() and int(step) < _SLURM_SPECIAL_STEP_MIN
+
+
+def expand_tasks_per_node(value: str) -> list[int]:
+    """SLURM's '2(x3),1' -> [2, 2, 2, 1] (tasks on each node of the step, in node order)."""
+    out: list[int] = []
+    for part in filter(None, value.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot parse SLURM tasks-per-node {value!r} at {part!r}")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def _tasks_on_this_node(env: Mapping[str, str]) -> int | None:
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(key):
+            counts = expand_tasks_per_node(env[key])
+            node = _int(env, "SLURM_NODEID") or 0
+            if node < len(counts):
+                return counts[node]
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # e.g. '4(x2)'
+    return int(per_node) if per_node.isdigit() else None
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
+    """The GPUs this process may use (CUDA_/ROCR_/HIP_VISIBLE_DEVICES), None when nothing restricts them."""
+    for key in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        if key in env:
+            return [d for d in env[key].split(",") if d.strip()]
+    return None
+
+
+def slurm_local_devices(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """Which of the GPUs this task sees it should use (indices into what it sees; None = all of them).
+
+    - one task on this node, or a task SLURM bound to its own GPU(s) (`srun --gpus-per-task=1`:
+      CUDA_VISIBLE_DEVICES holds fewer GPUs than the node has tasks): all it sees;
+    - several tasks that each see the same G GPUs (no binding): task L takes its G/tasks of them;
+    - no CUDA_VISIBLE_DEVICES at all with several tasks per node: GPU SLURM_LOCALID (JAX's convention).
+    """
+    tasks = _tasks_on_this_node(env)
+    local_id = _int(env, "SLURM_LOCALID")
+    if tasks is None or tasks <= 1 or local_id is None:
+        return None
+    if not 0 <= local_id < tasks:
+        raise ValueError(f"SLURM_LOCALID={local_id} is not in [0, {tasks}) (tasks on this node)")
+    gpus = visible_gpus(env)
+    if gpus is None:
+        return (local_id,)
+    if len(gpus) < tasks:
+        return None  # bound by SLURM: exactly this task's GPUs are visible
+    if len(gpus) % tasks:
+        raise ValueError(f"{tasks} tasks on this node share {len(gpus)} visible GPUs ({','.join(gpus)}), which do "
+                         "not split evenly; use `srun --gpus-per-task=N` or a task count that divides the GPUs")
+    per_task = len(gpus) // tasks
+    return tuple(range(local_id * per_task, (local_id + 1) * per_task))
+
+
 # ----------------------------------------------------------------------------------------------
 # The decision
 
@@ -141,21 +215,22 @@ def resolve(env: Mapping[str, str], coordinator_address: str | None = None, num_
         if ":" not in coordinator_address:
             raise ValueError(f"coordinator address {coordinator_address!r} needs a port, e.g. host:12345")
         return Plan("explicit", coordinator_address, num_processes, process_id)
-    if mode == "slurm" or (mode == "auto" and env.get("SLURM_JOB_ID") and (_int(env, "SLURM_NTASKS") or 1) > 1
-                           and "SLURM_PROCID" in env):
+    if mode == "slurm" or (mode == "auto" and env.get("SLURM_JOB_ID") and (_int(env, "SLURM_NTASKS") or 1) > 1):
         for key in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"):
             if key not in env:
                 raise ValueError(f"SLURM mode but {key} is not set: run the command under `srun`")
+        if not slurm_in_step(env):
+            # Process 0 would wait in jax.distributed.initialize for tasks that never start.
+            raise ValueError(
+                f"SLURM job {env['SLURM_JOB_ID']} has {env['SLURM_NTASKS']} tasks but this process is not an srun "
+                "step (it is the batch script or an salloc shell): start it as `srun python -m cxrjax.main ...` "
+                "(launch/slurm_gpu.sbatch does), or set CXRJAX_DISTRIBUTED=none for a single process")
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:
             raise ValueError("SLURM mode but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
         port = _int(env, "CXRJAX_COORDINATOR_PORT") or slurm_port(env["SLURM_JOB_ID"])
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]  # e.g. '4(x2)'
-        local = None
-        if per_node.isdigit() and int(per_node) > 1 and "SLURM_LOCALID" in env:
-            local = (int(env["SLURM_LOCALID"]),)  # one task per GPU
         return Plan("slurm", f"{first_slurm_host(nodelist)}:{port}", int(env["SLURM_NTASKS"]),
-                    int(env["SLURM_PROCID"]), local)
+                    int(env["SLURM_PROCID"]), slurm_local_devices(env))
     workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
     if mode == "tpu" or (mode == "auto" and len([w for w in workers.split(",") if w]) > 1):
         return Plan("tpu")

@@ -37,8 +37,11 @@ def test_expand_slurm_nodelist():
         ex("gpu[01")
 
 
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-         "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS_PER_NODE": "2"}
+# What `srun` sets for task 3 of 4 (2 nodes x 2 tasks), as seen on the second node.
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+         "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+         "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+DEACTIVATE = {"cluster_detection_method": "deactivate"}
 
 
 def test_resolve_from_environment(monkeypatch):
@@ -47,18 +50,82 @@ def test_resolve_from_environment(monkeypatch):
     assert r({}) == distributed.Plan("single")
     assert r({"CXRJAX_COORDINATOR": "h:1234", "CXRJAX_NUM_PROCESSES": "2", "CXRJAX_PROCESS_ID": "1"}) == \
         distributed.Plan("explicit", "h:1234", 2, 1)
-    assert r({}, "h:1", 2, 0).kwargs() == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+    assert r({}, "h:1", 2, 0).kwargs() == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0,
+                                           **DEACTIVATE}
     assert r({}, "h:1", 1, 0).mode == "single"
-    # SLURM: first host of the job, port from the job id, one task per GPU pinned to its local id.
+    # SLURM: first host of the step, port from the job id, tasks sharing a node split its GPUs by local id.
     plan = r(SLURM)
     assert plan == distributed.Plan("slurm", f"gpu07:{4242 % 4096 + 61440}", 4, 3, (1,))
-    assert r({**SLURM, "SLURM_NTASKS_PER_NODE": "1"}).local_device_ids is None  # one task sees all GPUs
+    assert plan.kwargs() == {"coordinator_address": f"gpu07:{4242 % 4096 + 61440}", "num_processes": 4,
+                             "process_id": 3, "local_device_ids": [1], **DEACTIVATE}
     assert r({**SLURM, "SLURM_NTASKS": "1"}).mode == "single"  # a single task needs no coordinator
     assert r({**SLURM, "CXRJAX_DISTRIBUTED": "none"}).mode == "single"
+    assert r({**SLURM, "CXRJAX_COORDINATOR_PORT": "5000"}).coordinator_address == "gpu07:5000"
     # TPU pods: JAX reads the topology itself.
     assert r({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}) == distributed.Plan("tpu")
     assert r({"TPU_WORKER_HOSTNAMES": "localhost"}).mode == "single"  # one worker
     assert r({"CXRJAX_DISTRIBUTED": "tpu"}).kwargs() == {}
+
+
+@pytest.mark.parametrize("tasks,visible,local_id,expected", [
+    ("1(x2)", "0,1,2,3,4,5,6,7", 0, None),  # one task per node (the sbatch default): every GPU of the node
+    ("1(x2)", None, 0, None),
+    ("8(x2)", "0", 3, None),  # srun --gpus-per-task=1 with cgroups: each task sees one GPU, renumbered 0
+    ("8(x2)", "3", 3, None),  # ... without cgroups: its own GPU under its real number
+    ("4(x2)", "2,3", 1, None),  # --gpus-per-task=2: exactly its two
+    ("8(x2)", "0,1,2,3,4,5,6,7", 3, (3,)),  # no binding, every task sees all 8: GPU 3 is task 3's
+    ("4(x2)", "0,1,2,3,4,5,6,7", 1, (2, 3)),  # no binding, 4 tasks x 2 GPUs
+    ("2(x2)", None, 1, (1,)),  # nothing says which GPUs: JAX's convention, GPU = local id
+])
+def test_slurm_gpu_binding(tasks, visible, local_id, expected):
+    env = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": tasks, "SLURM_LOCALID": str(local_id)}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    plan = distributed.resolve(env)
+    assert plan.local_device_ids == expected
+    # Never left to JAX's SLURM detection, which would pin every task to GPU SLURM_LOCALID.
+    assert plan.kwargs()["cluster_detection_method"] == "deactivate"
+    assert ("local_device_ids" in plan.kwargs()) == (expected is not None)
+
+
+def test_slurm_tasks_per_node_and_binding_errors():
+    assert distributed.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert distributed.expand_tasks_per_node("8") == [8]
+    # uneven nodes: node 1 of '8,4' holds 4 tasks
+    env = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": "8,4", "SLURM_NODEID": "1", "SLURM_LOCALID": "3",
+           "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    assert distributed.resolve(env).local_device_ids == (6, 7)
+    rocm = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}  # AMD GPUs: ROCR_VISIBLE_DEVICES
+    assert distributed.resolve({**rocm, "ROCR_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}).local_device_ids == (6, 7)
+    assert distributed.resolve({**rocm, "ROCR_VISIBLE_DEVICES": "5"}).local_device_ids is None
+    with pytest.raises(ValueError, match="3 tasks on this node share 8 visible GPUs"):
+        distributed.resolve({**env, "SLURM_STEP_TASKS_PER_NODE": "3(x2)", "SLURM_LOCALID": "0"})
+    with pytest.raises(ValueError, match="cannot parse SLURM tasks-per-node"):
+        distributed.resolve({**env, "SLURM_STEP_TASKS_PER_NODE": "4(x)"})
+
+
+@pytest.mark.parametrize("step", [None, "4294967291", "4294967294", "4294967290"])  # none, batch (new/old), interactive
+def test_slurm_job_without_srun_is_refused(step):
+    """The batch script of a 4-task job (or an salloc shell) is not one of the 4 tasks: refused in one
+    line instead of waiting forever in jax.distributed.initialize for 3 tasks that never start."""
+    env = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"}
+    env["SLURM_PROCID"], env["SLURM_LOCALID"] = "0", "0"
+    if step is not None:
+        env["SLURM_STEP_ID"] = step
+    with pytest.raises(ValueError, match="has 4 tasks but this process is not an srun step"):
+        distributed.resolve(env)
+    assert distributed.resolve({**env, "SLURM_NTASKS": "1"}).mode == "single"  # a 1-task job runs as is
+    assert distributed.resolve({**env, "CXRJAX_DISTRIBUTED": "none"}).mode == "single"
+    assert distributed.resolve({**env, "SLURM_STEP_ID": "0"}).mode == "slurm"
+
+
+def test_main_in_a_batch_step_stops_with_one_line(tmp_path):
+    env = {**os.environ, **{k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"}, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "cxrjax.main", f"--config={CONFIG}:demo", f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not an srun step" in lines[0], r.stderr
 
 
 def test_resolve_errors_name_what_is_missing():
@@ -74,6 +141,33 @@ def test_resolve_errors_name_what_is_missing():
         distributed.resolve({"CXRJAX_COORDINATOR": "h:1", "CXRJAX_NUM_PROCESSES": "two"})
     with pytest.raises(ValueError, match="SLURM_PROCID is not set"):
         distributed.resolve({"CXRJAX_DISTRIBUTED": "slurm", "SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.slow
+def test_two_tasks_of_a_faked_srun_step_join_one_run(tmp_path):
+    """Two real processes whose environment is what `srun --ntasks=2` on one node sets: they find the
+    coordinator from the node list, join through jax.distributed and see each other's devices."""
+    code = ("import json, numpy as np\n"
+            "from cxrjax import distributed\n"
+            "plan = distributed.initialize()\n"
+            "import jax\n"
+            "from jax.experimental import multihost_utils\n"
+            "ids = multihost_utils.process_allgather(np.array([jax.process_index()]))\n"
+            "print(json.dumps([plan.mode, jax.process_count(), jax.process_index(), jax.device_count(),\n"
+            "                  jax.local_device_count(), ids.ravel().tolist()]))\n")
+    procs = []
+    for i in range(2):
+        env = {**_env(2), "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+               "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "localhost",
+               "SLURM_STEP_TASKS_PER_NODE": "2", "CXRJAX_COORDINATOR_PORT": str(_free_port())}
+        if i:
+            env["CXRJAX_COORDINATOR_PORT"] = procs[0][1]["CXRJAX_COORDINATOR_PORT"]
+        procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), env))
+    for i, (p, _) in enumerate(procs):
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == ["slurm", 2, i, 4, 2, [0, 1]]
 
 
 # ----------------------------------------------------------------------------------------------
