@@ -3,7 +3,7 @@
 #
 # What it does, in order (each step can be skipped; --dry-run prints every command and runs nothing):
 #   1. create   gcloud compute tpus tpu-vm create NAME (--accelerator-type, --version, optional --spot)
-#   2. setup    copy this checkout to every worker (scp --worker=all), install it with jax[tpu], and mount
+#   2. setup    copy this checkout to every worker (scp --worker=all), install it with its [tpu] extra, and mount
 #               the bucket with gcsfuse at /mnt/BUCKET on every worker (the workdir and data live there:
 #               cxrjax writes through ordinary paths; Orbax checkpoints are written by all workers together)
 #   3. run      ssh --worker=all: `python -m cxrjax.main --config=... --workdir=/mnt/BUCKET/...` with
@@ -90,7 +90,7 @@ do_cmd() {
 }
 
 MAIN=(python3 -m cxrjax.main "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")
-REMOTE_SETUP="set -e; mkdir -p ~/cxrjax && tar xzf $TARBALL -C ~/cxrjax && python3 -m pip install -q -U 'jax[tpu]' -e ~/cxrjax \
+REMOTE_SETUP="set -e; mkdir -p ~/cxrjax && tar xzf $TARBALL -C ~/cxrjax && python3 -m pip install -q -U -e \"\$HOME/cxrjax[tpu]\" \
 && (command -v gcsfuse >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q gcsfuse)) \
 && sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs $BUCKET $MOUNT)"
 REMOTE_RUN="cd ~/cxrjax && mkdir -p $WORKDIR && CXRJAX_DISTRIBUTED=tpu $(show "${MAIN[@]}")"
