@@ -50,6 +50,9 @@ def read_dicom(path: str | Path, bit_depth: int = 8) -> np.ndarray:
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     ds = pydicom.dcmread(str(path))
+    from cxrjax.data.images import check_size  # images imports this module lazily: no import cycle
+
+    check_size(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))  # before decoding
     arr = ds.pixel_array
     if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour (rare for CXR): (..., 3) -> grey
         arr = arr.mean(axis=-1)

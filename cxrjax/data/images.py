@@ -8,6 +8,7 @@ to a square of the prepared size, and stored as PNG (lossless, decodable without
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +17,37 @@ from PIL import Image
 FIT_MODES = ("pad", "crop")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
+# Decompression-bomb limit: the largest image a file may declare. The largest chest detectors are
+# 43 x 43 cm at 100-70 um pixels, i.e. 4300-6100 px a side (18-37 megapixels); 8192 x 8192 leaves
+# room above that and still caps what one decode may allocate (67 MP: 134 MB as 16-bit). The size
+# is read from the header, before any pixel is decoded. Pillow's own check (a warning above 89 MP,
+# an error above 179 MP) is replaced by this one.
+MAX_PIXELS = 8192 * 8192
+
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message says why (the caller adds the path)."""
+    """An image that cannot be used; the message names the file and says why, in one line."""
+
+
+def check_size(path, width: int, height: int) -> None:
+    """Refuse an image whose declared size is above MAX_PIXELS (before decoding it)."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{path}: {width} x {height} pixels ({width * height / 1e6:.0f} MP) is more than the "
+            f"{MAX_PIXELS / 1e6:.0f} MP limit for one radiograph (a decompression bomb, or not a chest X-ray); "
+            "if it is a real image, downscale it or raise cxrjax.data.images.MAX_PIXELS")
 
 
 def _to_gray(im: Image.Image, bit_depth: int) -> np.ndarray:
     """Any PIL mode -> 2-D array of the requested depth (alpha composited on black)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im).astype(np.int64)
+        a = np.asarray(im)
         if a.ndim != 2:
             raise ImageError(f"unexpected {im.mode} image with shape {a.shape}")
         # 16-bit PNGs from CXR datasets use the full 16-bit range or a 12-bit subset; rescale
         # by the container's range, not by the data (the data range would undo exposure).
         top = 65535 if a.max(initial=0) > 4095 else 4095
-        a = np.clip(a, 0, top)
+        a = np.clip(a, 0, top).astype(np.uint32)  # a * 65535 < 2**32: no overflow, half of int64's memory
         return (a * 65535 // top).astype(np.uint16) if bit_depth == 16 else (a * 255 // top).astype(np.uint8)
     if im.mode == "F":
         a = np.asarray(im, np.float64)
@@ -51,19 +68,28 @@ def load_image(path: str | Path, bit_depth: int = 8) -> np.ndarray:
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if not path.is_file():
-        raise ImageError("file not found")
+        raise ImageError(f"{path}: file not found")
     if path.suffix.lower() in DICOM_SUFFIXES:
         from cxrjax.data import dicom  # pydicom is only imported for DICOM sources
 
         return dicom.read_dicom(path, bit_depth=bit_depth)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides
+            im = Image.open(path)
+        with im:
+            check_size(path, *im.size)  # from the header: nothing decoded yet
             im.draft("L", (1 << 30, 1 << 30))  # JPEG: decode straight to grayscale (no RGB pass)
             a = _to_gray(im, bit_depth)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot decode image: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's own limit (179 MP) is above ours: the same error
+        raise ImageError(f"{path}: more than the {MAX_PIXELS / 1e6:.0f} MP limit for one radiograph "
+                         f"(a decompression bomb, or not a chest X-ray): {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{path}: cannot decode image: {e}") from e
     if a.ndim != 2 or min(a.shape) < 8:
-        raise ImageError(f"not a usable 2-D image (shape {a.shape})")
+        raise ImageError(f"{path}: not a usable 2-D image (shape {a.shape})")
     return a
 
 

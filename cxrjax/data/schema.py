@@ -112,7 +112,7 @@ def validate_table(table: pd.DataFrame, where: str = "table") -> pd.DataFrame:
         bad = t[c].notna() & ~t[c].isin(LABEL_VALUES)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise MetadataError(f"{where}: column {c!r} row {i} has label {t[c].iloc[i]!r}; labels are 1, 0, -1 or blank")
+            raise MetadataError(f"{where}: column {c!r} row {i} has label {float(t[c].iloc[i]):g}; labels are 1, 0, -1 or blank")
     for c, allowed in (("view", VIEWS), ("laterality", LATERALITIES), ("split", SPLITS)):
         bad = ~t[c].isin(allowed)
         if bad.any():
