@@ -90,8 +90,11 @@ def test_changed_plan_removes_stale_shards(tmp_path):
     _prepare_csv(root, out)
     prepare.prepare_dataset("csv", out, src=root / "list.csv", csv_mapping="path=File,patient_id=PID,study_id=Exam,view=View",
                             size=32, workers=1, shard_size=100)
-    names = [p.name for p in (out / "csv" / "1.0.0").glob("*.array_record-*")]
-    assert all("-of-00001" in n for n in names)
+    splits = sorted(set(pd.read_parquet(out / "table.parquet")["split"]))
+    assert len(splits) >= 2
+    # one shard per split now; the 4-image shards of the first plan are gone
+    names = sorted(p.name for p in (out / "csv" / "1.0.0").glob("*.array_record-*"))
+    assert names == [f"csv-{s}.array_record-00000-of-00001" for s in splits]
 
 
 def test_phantom_prepare_parallel_and_pairs(tmp_path):

@@ -69,8 +69,11 @@ def test_phantom_builder_reads_back_with_data_source(phantom_tfds):
             assert ex["image"].shape == (32, 32, 1) and ex["image"].dtype == np.uint8
             np.testing.assert_array_equal(ex["labels"], row[list(schema.CHEXPERT_LABELS)].to_numpy(np.float32))
     # The TFDS folder and the prepared folder share the shard files (hard links, not copies).
-    for shard in (d / "cxr_phantom" / "1.0.0").glob("*.array_record-*"):
-        assert shard.samefile(prepared / "cxr_phantom" / "1.0.0" / shard.name)
+    shards = sorted(p.name for p in (d / "cxr_phantom" / "1.0.0").glob("*.array_record-*"))
+    assert shards and shards == sorted(p.name for p in (prepared / "cxr_phantom" / "1.0.0").glob("*.array_record-*"))
+    assert {s.split(".array_record")[0] for s in shards} == {f"cxr_phantom-{split}" for split in set(table["split"])}
+    for shard in shards:
+        assert (d / "cxr_phantom" / "1.0.0" / shard).samefile(prepared / "cxr_phantom" / "1.0.0" / shard)
     # The prepared folder is what the pipeline reads: same records, same number of them.
     data = pipeline.load_prepared(prepared, "train", "study-same_lat-any")
     assert data.name == "cxr_phantom" and len(pipeline.RecordReader(prepared, data.name, "train")) == data.n
@@ -227,8 +230,7 @@ def test_foreign_source_pairs_and_reader(foreign, tmp_path):
     # the prepared folder is a drop-in for the pipeline's table/pair loading
     data = pipeline.load_prepared(tmp_path / "view", "train", "study-same_lat-any")
     assert data.name == "foreign_cxr" and data.n == 16
-    if hasattr(pipeline, "open_reader"):  # the pipeline diff in docs/tfds.md applied
-        assert isinstance(pipeline.open_reader(data), tfds_source.TfdsReader)
+    assert isinstance(pipeline.open_reader(data), tfds_source.TfdsReader)  # what the training pipeline reads
 
 
 def test_foreign_source_errors_name_the_problem(foreign):
@@ -287,18 +289,14 @@ def test_train_demo_steps_from_builder_and_foreign_source(phantom_tfds, foreign,
     # (1) a cxrjax builder's output: a prepared folder, no pipeline change needed
     _train_three_steps(_demo_config(tfds_builders.prepared_dir(phantom_tfds, "cxr_phantom")), tmp_path / "run-builder")
 
-    # (2) a foreign TFDS dataset through its feature map
+    # (2) a foreign TFDS dataset through its feature map (config.data.tfds), prepared into the cache
     config = _demo_config("")
-    if "tfds" in config.data and hasattr(pipeline, "open_reader"):  # the two diffs in docs/tfds.md applied
-        monkeypatch.setenv("CXRJAX_CACHE", str(tmp_path / "cache"))
-        config.data.tfds.update(name=foreign.name, data_dir=foreign.data_dir, split="train=train,valid=validation")
-        config.data.tfds.feature_map.update(FEATURE_MAP)
-    else:  # until then: the materialised folder, with pipeline.RecordReader routed to tfds_source
-        view = tfds_source.materialize(foreign, tmp_path / "view", strategies=["study-same_lat-any"])
-        assert view["counts"]["splits"]["train"]["images"] == 16
-        monkeypatch.setattr(pipeline, "RecordReader", _reader_of_any_prepared_folder)
-        config.data.dir = str(tmp_path / "view")
+    monkeypatch.setenv("CXRJAX_CACHE", str(tmp_path / "cache"))
+    config.data.tfds.update(name=foreign.name, data_dir=foreign.data_dir, split="train=train,valid=validation")
+    config.data.tfds.feature_map.update(FEATURE_MAP)
     _train_three_steps(config, tmp_path / "run-foreign")
+    views = [p for p in (tmp_path / "cache").rglob("table.parquet")]
+    assert len(views) == 1 and len(pd.read_parquet(views[0])) == 20  # the foreign metadata, prepared once
 
 
 def _train_three_steps(config, workdir):
@@ -308,14 +306,6 @@ def _train_three_steps(config, workdir):
     logged = metrics.read_jsonl(workdir / "metrics.jsonl")
     assert [m["step"] for m in logged] == [1, 2, 3] and np.isfinite(last["loss"])
     assert (workdir / "checkpoints" / "3").is_dir()
-
-
-_RECORD_READER = pipeline.RecordReader
-
-
-def _reader_of_any_prepared_folder(out, name, split):
-    entry = tfds_source.read_manifest_source(out)
-    return tfds_source.TfdsReader.from_manifest(entry, split) if entry else _RECORD_READER(out, name, split)
 
 
 # ----------------------------------------------------------------------------------------------
