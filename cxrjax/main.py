@@ -6,7 +6,17 @@ r"""cxrjax's main entry point: one config file picks the job.
     python -m cxrjax.main --config=configs/mvlm_paired.py:demo --workdir=runs/mvlm              # config.job picks the trainer
 
 `--workdir` holds everything the run writes (checkpoints, metrics.jsonl, TensorBoard events, run.json,
-config.json); an existing checkpoint there is resumed. Config keys that do not exist are an error.
+config.json); an existing checkpoint there is resumed (a damaged newest checkpoint is named, moved
+aside to checkpoints/STEP.damaged-TIME and the newest intact one is used). A local path or any URL
+`etils.epath` knows (gs://bucket/run, s3://...).
+
+Config keys that do not exist are an error, whether set on the command line (`--config.KEY=...`) or in
+the config file (compared with the job's `default_config()`); the closest existing key is named.
+
+Exit status: 0 done; 2 a mistake on the command line or in the config file (one line on stderr);
+1 the run cannot go on (bad data, a refused checkpoint, a NaN loss: one line saying what to do);
+75 (EX_TEMPFAIL) stopped by SIGTERM (preemption, a scheduler's time limit) after finishing the step
+and writing a checkpoint: run the same command to continue, bit for bit.
 
 Multi-process runs (launch/): every process runs this same command; `cxrjax.distributed.initialize`
 joins them before any device is touched -- TPU pods and SLURM steps are detected from the
@@ -16,35 +26,67 @@ CXRJAX_COORDINATOR / CXRJAX_NUM_PROCESSES / CXRJAX_PROCESS_ID variables).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+import importlib
+
+from absl import flags, logging
 from ml_collections import config_flags
 
-from cxrjax import xla_cpu
+from cxrjax import cli, xla_cpu
 
+PROG = "cxrjax"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/moco_patient.py[:demo].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (resumed if it has them).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs://... URL) for checkpoints and metrics "
+                               "(resumed if it has them).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for a multi-process run (else from the environment).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# config.job -> the module whose train_and_evaluate(config, workdir) runs it (imported when chosen, so
-# a job's dependencies are loaded only by its runs).
+# config.job -> the module whose default_config() lists the job's keys and whose
+# train_and_evaluate(config, workdir) runs it (imported when chosen: a job's dependencies are loaded
+# only by its runs).
 JOBS = {"moco": "cxrjax.train.contrastive", "mvlm": "cxrjax.train.mvlm"}
+# Keys whose value is a free-form mapping: their own keys are checked by the code that reads them
+# (vl_pipeline checks data.shares' kinds), not against default_config().
+CONFIG_MAPS = {"mvlm": ("data.shares",)}
+
+
+def job_module(config):
+    """The trainer module of config.job (a one-line UsageError if there is none)."""
+    job = config.get("job")
+    if job not in JOBS:
+        raise cli.UsageError(f"config.job={job!r}; expected one of {tuple(JOBS)}")
+    try:
+        return importlib.import_module(JOBS[job])
+    except ModuleNotFoundError as e:
+        if e.name != JOBS[job]:
+            raise
+        raise cli.UsageError(f"config.job={job!r} needs {JOBS[job]}, which this installation does not have "
+                             "yet") from None
+
+
+def check_config_keys(config, trainer, source: str) -> None:
+    """A config FILE may only set keys its job's default_config() has (a misspelt key would otherwise
+    be silently ignored: the run would use the default)."""
+    unknown = cli.unknown_keys(config, trainer.default_config(), maps=CONFIG_MAPS.get(config.job, ()))
+    if unknown:
+        shown = "; ".join(f"config.{k}" + (f" (did you mean config.{best}?)" if best else "") for k, best in unknown)
+        raise cli.UsageError(f"{source} sets {shown}, which a {config.job} run does not have")
+
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.optim.lr=0.1")
+    del argv  # cli.parse_flags refuses positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
     config = _CONFIG.value
-    if config.get("job") not in JOBS:
-        raise app.UsageError(f"config.job={config.get('job')!r}; expected one of {tuple(JOBS)}")
-
     xla_cpu.tune()  # before JAX creates its backend
-    import importlib
+    try:
+        trainer = job_module(config)
+        check_config_keys(config, trainer, config_flags.get_config_filename(flags.FLAGS["config"]))
+    except cli.UsageError as e:
+        cli.fail(PROG, str(e))
 
     import jax
 
@@ -53,27 +95,23 @@ def main(argv) -> None:
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device use
     except ValueError as e:
-        raise SystemExit(f"cxrjax: error: {e}") from None
+        cli.fail(PROG, str(e), cli.EXIT_ERROR)
     jax.config.update("jax_threefry_partitionable", True)
     from cxrjax.data.pipeline import CorruptRecordError
     from cxrjax.train.checkpoint import CheckpointError
+    from cxrjax.train.preemption import Preempted
 
     try:
-        trainer = importlib.import_module(JOBS[config.job])
-    except ModuleNotFoundError as e:
-        if e.name != JOBS[config.job]:
-            raise
-        raise SystemExit(f"cxrjax: error: config.job={config.job!r} needs {JOBS[config.job]}, which this "
-                         "installation does not have yet") from None
-    try:
         trainer.train_and_evaluate(config, _WORKDIR.value)
+    except Preempted as e:
+        cli.fail(PROG, str(e), Preempted.EXIT_CODE, label="stopped")
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, CorruptRecordError) as e:
         # Problems the user can fix get one clear line, not a traceback from deep inside JAX.
-        raise SystemExit(f"cxrjax: error: {e}") from None
+        cli.fail(PROG, str(e), cli.EXIT_ERROR)
 
 
 def run() -> None:
-    app.run(main)
+    cli.run(main, prog=PROG)
 
 
 if __name__ == "__main__":

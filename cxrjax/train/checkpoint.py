@@ -9,31 +9,84 @@ with; resuming with an incompatible model is refused with a message saying what 
 
 Restoring onto another mesh (8 devices -> 4, another process count for the state) is Orbax's
 resharding: `restore` reads into whatever shardings the abstract state carries.
+
+Where a run may live (`workdir_path`, train/workdir.py): a local folder or any URL `etils.epath` knows
+(gs://, s3://; Orbax's own path type, so Orbax and everything here write to the same place). How a save becomes final (`atomicity`): by default Orbax writes
+into `STEP.orbax-checkpoint-tmp-*` and renames it; gs:// URLs and FUSE mounts (gcsfuse: no atomic
+directory rename on flat buckets, or rename as a slow copy) instead write `STEP/` in place and mark
+it complete with `STEP/commit_success.txt` ("commit_file"). `auto` picks per directory;
+config.checkpoint_atomicity can force either.
+
+Damaged checkpoints (`restore_latest`): a step whose files cannot be read (truncated or missing
+array files, corrupt metadata -- a storage fault, or a kill that outlived the atomic commit) is named
+in one line with the reason, moved aside to `checkpoints/STEP.damaged-TIME` (never deleted), and the
+next older step is tried. A checkpoint that is intact but does not fit the config is NOT damage: that
+stays a CheckpointError and nothing is moved.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import re
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cxrjax.data import pipeline
+from cxrjax.train.workdir import fuse_filesystem, is_url, workdir_path, write_atomic
+
+ATOMICITY = ("auto", "rename", "commit_file")
+DAMAGED_TAG = ".damaged-"
 
 
 class CheckpointError(RuntimeError):
     """A workdir whose checkpoints cannot be resumed by this config."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint step whose files cannot be read (truncated, missing or corrupt)."""
+
+    def __init__(self, step: int, directory, reason: str):
+        self.step, self.directory, self.reason = step, directory, reason
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# How a save becomes final
+
+
+def atomicity(directory, setting: str = "auto", mounts: str | None = None) -> str:
+    """'rename' or 'commit_file' for checkpoints in `directory` (see the module doc)."""
+    if setting not in ATOMICITY:
+        raise ValueError(f"config.checkpoint_atomicity={setting!r}; expected one of {ATOMICITY}")
+    if setting != "auto":
+        return setting
+    if is_url(directory) or fuse_filesystem(directory, mounts):
+        return "commit_file"
+    return "rename"
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoints
+
+
 class Checkpointer:
-    def __init__(self, workdir, *, every_steps: int, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).resolve() / "checkpoints"
+    def __init__(self, workdir, *, every_steps: int, keep: int = 3, async_save: bool = True,
+                 atomicity_setting: str = "auto"):
+        self.directory = workdir_path(workdir) / "checkpoints"
+        self.atomicity = atomicity(self.directory, atomicity_setting)
+        mode = {"rename": ocp.options.AtomicityMode.ATOMIC_RENAME,
+                "commit_file": ocp.options.AtomicityMode.COMMIT_FILE}[self.atomicity]
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            atomicity_options=ocp.options.AtomicityOptions(mode=mode),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -44,6 +97,8 @@ class Checkpointer:
         """Save if `step` is on the interval (or `force`); returns whether a save started."""
         if not (force or self.manager.should_save(step)):
             return False
+        if step in self.manager.all_steps():
+            return False  # already saved (e.g. a stop request on a checkpoint step)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -54,7 +109,10 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """Restore `step` into the shapes/shardings of `abstract_state`; sets the iterator's state."""
+        """Restore `step` into the shapes/shardings of `abstract_state`; sets the iterator's state.
+
+        Raises DamagedCheckpointError if the step's files cannot be read, CheckpointError if they
+        do not fit this config."""
         try:
             restored = self.manager.restore(
                 step,
@@ -63,7 +121,12 @@ class Checkpointer:
                     data=pipeline.checkpoint_args(data_iterator, restore=True),
                 ),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:
+            reason = damage_reason(e, self.directory / str(step))
+            if reason is not None:
+                raise DamagedCheckpointError(step, self.directory, reason) from e
+            if not isinstance(e, (ValueError, KeyError, TypeError)):
+                raise
             raise CheckpointError(
                 f"cannot restore step {step} from {self.directory}: {e}\n"
                 "The checkpoint does not match this config (model, optimizer, queue or number of "
@@ -71,12 +134,112 @@ class Checkpointer:
             ) from e
         return restored["state"]
 
+    def restore_latest(self, abstract_state, data_iterator, note=print):
+        """(step, state) of the newest intact checkpoint, or (0, None) if there is none yet.
+
+        Damaged newer steps are named (one line each, via `note`), moved aside and skipped. If
+        every checkpoint is damaged nothing is moved and CheckpointError says so: starting over
+        in this workdir would discard the run (and its metrics) without the user choosing to."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            reason = None
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except DamagedCheckpointError as e:
+                reason = e.reason
+            reason = _agree_on_damage(reason)  # every process must take the same step
+            if reason is None:
+                for bad, why in damaged:
+                    moved = self.move_aside(bad)
+                    note(f"checkpoint step {bad} is damaged ({why}); moved it to {moved}; resuming from "
+                         f"step {step}")
+                note(f"Resuming from {self.directory / str(step)} ...")
+                return step, state
+            damaged.append((step, reason))
+        if damaged:
+            shown = "; ".join(f"step {s}: {why}" for s, why in damaged)
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged ({shown}). Nothing was moved or deleted. "
+                "To start this run over, use a new --workdir (or move the checkpoints folder away).")
+        return 0, None
+
+    def move_aside(self, step: int) -> epath.Path:
+        """Rename checkpoint `step` to STEP.damaged-TIME beside it (Orbax ignores such names; nothing
+        is deleted) and let the manager forget it. Process 0 renames, all processes wait."""
+        from cxrjax import distributed
+
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{DAMAGED_TAG}{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            n = 1
+            while dst.exists():
+                dst, n = dst.with_name(f"{step}{DAMAGED_TAG}{time.strftime('%Y%m%dT%H%M%S')}-{n}"), n + 1
+            src.rename(dst)
+        distributed.barrier(f"cxrjax: checkpoint {step} moved aside")
+        self.manager.reload()
+        return dst
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# TensorStore status codes of a read that found missing, short or undecodable data.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def damage_reason(exc: BaseException, step_dir=None) -> str | None:
+    """Why a restore failed, if it failed because files of the checkpoint are damaged (one line,
+    paths relative to the step folder); None for anything else (e.g. a config mismatch)."""
+    seen = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        reason = _damage_of(e)
+        if reason is not None:
+            prefix = f"{os.fspath(step_dir)}/" if step_dir is not None else None
+            if prefix:
+                reason = reason.replace(prefix, "")
+            return " ".join(reason.split())
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _damage_of(e: BaseException) -> str | None:
+    if isinstance(e, json.JSONDecodeError):
+        return f"corrupt JSON ({e.msg} at char {e.pos})"
+    if isinstance(e, FileNotFoundError):
+        return f"missing file {e.filename or e}"
+    if isinstance(e, (UnicodeDecodeError, EOFError)):
+        return f"unreadable file ({e})"
+    text = str(e)
+    m = re.search(rf"\b({'|'.join(_DAMAGE_CODES)}): ", text)
+    if m is None:
+        return None
+    text = text[m.start():].split(" [tensorstore_spec")[0]
+    parts = text.split(": ")
+    # "CODE: Error opening ...: Error reading ...: <what was wrong>" -> code, the file, what was wrong
+    files = [p for p in parts if "file \"" in p or "local file" in p]
+    return ": ".join([m.group(1)] + files[-1:] + parts[-1:]) if len(parts) > 1 else text
+
+
+def _agree_on_damage(reason: str | None) -> str | None:
+    """The damage verdict of all processes: damaged if any process found it damaged."""
+    if jax.process_count() == 1:
+        return reason
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([reason is not None], np.int32))
+    if not np.any(flags):
+        return None
+    return reason or "damage found by another process"
+
+
+# ----------------------------------------------------------------------------------------------
+# run.json and config.json
 
 
 def check_run_compatible(workdir, fingerprint: dict) -> None:
@@ -87,7 +250,8 @@ def check_run_compatible(workdir, fingerprint: dict) -> None:
     """
     from cxrjax import distributed
 
-    path = Path(workdir) / "run.json"
+    workdir = workdir_path(workdir)
+    path = workdir / "run.json"
     old = json.loads(path.read_text()) if path.exists() else None
     distributed.barrier("cxrjax: run.json read")
     if old is not None:
@@ -102,20 +266,21 @@ def check_run_compatible(workdir, fingerprint: dict) -> None:
             )
         return
     if jax.process_index() == 0:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True))
     distributed.barrier("cxrjax: run.json written")
 
 
-def save_config(workdir, config) -> Path:
+def save_config(workdir, config) -> epath.Path:
     """Write the run's full resolved config to WORKDIR/config.json (process 0; every run overwrites it,
     so it shows the config of the latest (re)start). Evaluation jobs read it to rebuild the encoder."""
-    path = Path(workdir) / "config.json"
+    workdir = workdir_path(workdir)
+    path = workdir / "config.json"
     if jax.process_index() == 0:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         text = config.to_json_best_effort(indent=1, sort_keys=True) if hasattr(config, "to_json_best_effort") \
             else json.dumps(config, indent=1, sort_keys=True, default=repr)
-        _write_atomic(path, text + "\n")
+        write_atomic(path, text + "\n")
     return path
 
 
@@ -123,13 +288,7 @@ def load_config(workdir):
     """WORKDIR/config.json as a ConfigDict (what `save_config` wrote)."""
     import ml_collections as mlc
 
-    path = Path(workdir) / "config.json"
+    path = workdir_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a pre-training run?")
     return mlc.ConfigDict(json.loads(path.read_text()))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -3,15 +3,26 @@
 Only process 0 writes (every process computes the same global metrics). A resumed run first drops
 JSONL lines past the step it resumed from, and tells TensorBoard to purge them, so the curves of a
 killed-and-resumed run are the curves of an uninterrupted one.
+
+The workdir may be a URL (gs://bucket/run; train/workdir.py). Object stores cannot append, so there
+`metrics.jsonl` is rewritten whole at each `flush()` (with every checkpoint, and at the end), and
+TensorBoard's event file is kept in memory and rewritten whole at each flush of tensorboardX's writer
+(every 30 s) through `etils.epath` -- what tensorboardX's own gs:// writer does, but through the same
+storage layer as the checkpoints (no google-cloud-storage client of its own). Both files hold scalars
+only: a few MB for a long run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import time
-from pathlib import Path
+
+from etils import epath
+
+from cxrjax.train.workdir import is_url, workdir_path
 
 
 def _is_primary() -> bool:
@@ -38,15 +49,22 @@ class MetricLogger:
         self._jsonl = None
         if not self.primary:
             return
-        workdir = Path(workdir)
+        workdir = workdir_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "metrics.jsonl"
-        _truncate_after(path, start_step)
-        self._jsonl = path.open("a")
+        self._path = workdir / "metrics.jsonl"
+        kept = _truncate_after(self._path, start_step)
+        self._remote = is_url(workdir)
+        if self._remote:
+            self._lines = kept  # rewritten whole at flush(): object stores cannot append
+            _register_tensorboard_writer(workdir)
+        else:
+            self._jsonl = open(self._path, "a")
         from tensorboardX import SummaryWriter
 
         # TensorBoard hides earlier events with step >= purge_step: the first step this run writes.
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None, flush_secs=30)
+        # The suffix keeps the file names of two starts within one second apart (the name has seconds).
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None, flush_secs=30,
+                                 filename_suffix=f".{time.time_ns()}")
         if progress_bar:
             from tqdm import tqdm
 
@@ -60,8 +78,12 @@ class MetricLogger:
         for k, v in clean.items():
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, global_step=step)
-        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **clean})
+        if self._remote:
+            self._lines.append(line)
+        else:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
         if self._bar is not None:
             shown = {k: clean[k] for k in ("loss", "acc", "img_per_s", "lr") if k in clean}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -88,6 +110,8 @@ class MetricLogger:
         if self._jsonl is not None:
             self._jsonl.flush()
             os.fsync(self._jsonl.fileno())
+        elif self.primary and self._remote:
+            self._path.write_text("".join(x + "\n" for x in self._lines))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -96,12 +120,15 @@ class MetricLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        elif self.primary and self._remote:
+            self.flush()
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop lines written after `step` (they belong to the part of a killed run that is being redone)."""
+def _truncate_after(path: epath.Path, step: int) -> list[str]:
+    """Drop lines written after `step` (they belong to the part of a killed run that is being redone);
+    returns the lines kept."""
     if not path.exists():
-        return
+        return []
     keep = []
     for line in path.read_text().splitlines():
         try:
@@ -110,10 +137,44 @@ def _truncate_after(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by a kill
     path.write_text("".join(x + "\n" for x in keep))
+    return keep
+
+
+class _EpathEventFile:
+    """A tensorboardX record writer for a URL: the event file in memory, rewritten whole on flush."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventFiles:
+    """tensorboardX writer factory (see `record_writer.register_writer_factory`)."""
+
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_writer(workdir: epath.Path) -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(os.fspath(workdir).split("://")[0], _EpathEventFiles())
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in epath.Path(path).read_text().splitlines() if x.strip()]
 
 
 def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
@@ -127,7 +188,7 @@ def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list] = {}
-    files = sorted(Path(logdir).glob("events.out.tfevents.*"), key=lambda f: (f.stat().st_mtime, f.name))
+    files = sorted(epath.Path(logdir).glob("events.out.tfevents.*"), key=lambda f: (_mtime(f), f.name))
     for f in files:
         data = f.read_bytes()
         pos = 0
@@ -142,3 +203,7 @@ def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def _mtime(f: epath.Path) -> float:
+    return f.stat().mtime if is_url(f) else os.stat(f).st_mtime
