@@ -1,5 +1,6 @@
-"""ResNet-18/50 in NNX: shapes, parameter counts, batch norm, and numerical parity with a torch
-reference laid out exactly like torchvision (torchvision itself is not needed), through the importer."""
+"""ResNet-18/50 in NNX: shapes, parameter counts, batch norm, and numerical parity with real torchvision
+(`torchvision.models.resnet18/50`: eval mode, train-mode batch norm and its running statistics) through the
+importer (`cxrjax.models.torchvision_weights`, command line `cxrjax.tools.import_torchvision`)."""
 
 import functools
 
@@ -10,8 +11,9 @@ import pytest
 from flax import nnx
 
 from cxrjax.models.resnet import ResNet, flat_state, num_params, resnet18, resnet50
+from cxrjax.models import torchvision_weights as tvw
 from cxrjax.tools import import_torchvision as itv
-from model_utils import fast_init
+from model_utils import fast_init, randomize_torch_batchnorm, torchvision_models
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train", "bn_groups"))
@@ -123,26 +125,26 @@ def test_load_pretrained_round_trip_and_errors(tmp_path):
     flat = {k: (np.abs(v) + 0.5 if k.endswith(".var") else v) for k, v in flat.items()}
     for ext in ("npz", "safetensors"):
         path = str(tmp_path / f"w.{ext}")
-        itv.save_flat(path, flat)
+        tvw.save_flat(path, flat)
         m = fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1)))
-        itv.load_pretrained(m, path)
+        tvw.load_pretrained(m, path)
         got = flat_state(m)
         assert set(got) == set(flat)
         assert all(np.array_equal(got[k], flat[k]) for k in flat)
     # a classifier file initialises a feature backbone: fc.* is dropped when the model has no fc
     m0 = fast_init(lambda: resnet18(rngs=nnx.Rngs(1)))
-    itv.load_pretrained(m0, path)
+    tvw.load_pretrained(m0, path)
     np.testing.assert_array_equal(m0.layer4[1].conv2.kernel[...], flat["layer4.1.conv2.kernel"])
     # a 1-channel model and a 3-channel file: clear shape error
-    with pytest.raises(itv.WeightImportError, match=r"shape mismatch.*conv1.kernel"):
-        itv.load_pretrained(fast_init(lambda: resnet18(in_channels=1, rngs=nnx.Rngs(1))), path)
+    with pytest.raises(tvw.WeightImportError, match=r"shape mismatch.*conv1.kernel"):
+        tvw.load_pretrained(fast_init(lambda: resnet18(in_channels=1, rngs=nnx.Rngs(1))), path)
     bad = dict(flat)
     del bad["layer1.0.bn1.var"]
     bad["layer9.0.conv1.kernel"] = np.zeros(3, np.float32)
-    itv.save_flat(str(tmp_path / "bad.npz"), bad)
-    with pytest.raises(itv.WeightImportError, match=r"(?s)missing \(1\): layer1.0.bn1.var.*"
+    tvw.save_flat(str(tmp_path / "bad.npz"), bad)
+    with pytest.raises(tvw.WeightImportError, match=r"(?s)missing \(1\): layer1.0.bn1.var.*"
                                                     r"unexpected \(1\): layer9.0.conv1.kernel"):
-        itv.load_pretrained(fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1))),
+        tvw.load_pretrained(fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(1))),
                             str(tmp_path / "bad.npz"))
 
 
@@ -171,11 +173,11 @@ def test_importer_cli_safetensors_without_torch(tmp_path, capsys):
     out = str(tmp_path / "out.npz")
     assert itv.main([src, out, "--arch", "resnet18"]) == 0
     assert "11,689,512 parameters" in capsys.readouterr().out
-    got = itv.load_flat(out)
+    got = tvw.load_flat(out)
     assert all(np.array_equal(got[k], flat[k]) for k in flat) and set(got) == set(flat)
     # --in_channels 1 sums conv1 over RGB
     assert itv.main([src, str(tmp_path / "g.safetensors"), "--in_channels", "1"]) == 0
-    g = itv.load_flat(str(tmp_path / "g.safetensors"))
+    g = tvw.load_flat(str(tmp_path / "g.safetensors"))
     np.testing.assert_allclose(g["conv1.kernel"], flat["conv1.kernel"].sum(2, keepdims=True), rtol=1e-6)
     # wrong architecture: clear error, non-zero exit, the keys are listed
     assert itv.main([src, str(tmp_path / "x.npz"), "--arch", "resnet50"]) == 1
@@ -189,128 +191,47 @@ def test_pth_without_torch_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     (tmp_path / "w.pth").write_bytes(b"")
     with pytest.raises(ImportError, match=r"pip install cxrjax\[torch\]"):
-        itv.read_state_dict(str(tmp_path / "w.pth"))
+        tvw.read_state_dict(str(tmp_path / "w.pth"))
     assert itv.main([str(tmp_path / "w.pth"), str(tmp_path / "o.npz")]) == 1
 
 
-def test_one_channel_import_equals_rgb_on_grey_input(tmp_path):
-    from safetensors.numpy import save_file
-
-    flat = _random_flat("resnet18", num_classes=5, seed=3)
-    flat = {k: (np.abs(v) + 0.5 if k.endswith(".var") else v * (0.05 if k.endswith("kernel") else 1))
-            for k, v in flat.items()}
-    save_file(_to_torch_names(flat), str(tmp_path / "tv.safetensors"))
-    itv.save_flat(str(tmp_path / "rgb.npz"), itv.import_torchvision(str(tmp_path / "tv.safetensors")))
-    itv.save_flat(str(tmp_path / "grey.npz"),
-                  itv.import_torchvision(str(tmp_path / "tv.safetensors"), in_channels=1))
-    rgb = fast_init(lambda: resnet18(num_classes=5, rngs=nnx.Rngs(0)))
-    grey = fast_init(lambda: resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0)))
-    itv.load_pretrained(rgb, str(tmp_path / "rgb.npz"))
-    itv.load_pretrained(grey, str(tmp_path / "grey.npz"))
-    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
-    np.testing.assert_allclose(_forward(grey, x), _forward(rgb, jnp.repeat(x, 3, axis=-1)),
-                               atol=1e-4, rtol=1e-4)
 
 
-# ---------------------------------------------------------------------------- torch parity
-def _torch_resnet(arch, num_classes):
-    """Minimal torchvision-identical ResNet (same module names, v1.5 strides, init)."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
+def test_tools_module_keeps_the_library_names():
+    """The trainer and evaluation jobs still reach the library through cxrjax.tools.import_torchvision."""
+    for name in ("load_pretrained", "import_torchvision", "save_flat", "load_flat", "read_state_dict",
+                 "convert_state_dict", "check_against", "WeightImportError"):
+        assert getattr(itv, name) is getattr(tvw, name)
 
-    class BasicBlock(nn.Module):
-        expansion = 1
 
-        def __init__(self, inplanes, planes, stride=1, downsample=None):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.relu = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample = downsample
+# ---------------------------------------------------------------------------- real torchvision parity
+def _torchvision_net(arch, num_classes, seed=0):
+    """torchvision's own model and initialisation, with random BN affine parameters and statistics."""
+    import torch
 
-        def forward(self, x):
-            idt = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            return self.relu(self.bn2(self.conv2(out)) + idt)
-
-    class Bottleneck(nn.Module):
-        expansion = 4
-
-        def __init__(self, inplanes, planes, stride=1, downsample=None):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(planes * 4)
-            self.relu = nn.ReLU(inplace=True)
-            self.downsample = downsample
-
-        def forward(self, x):
-            idt = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            return self.relu(self.bn3(self.conv3(out)) + idt)
-
-    class TorchResNet(nn.Module):
-        def __init__(self, block, layers, num_classes):
-            super().__init__()
-            self.inplanes = 64
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            self.layer1 = self._make_layer(block, 64, layers[0])
-            self.layer2 = self._make_layer(block, 128, layers[1], 2)
-            self.layer3 = self._make_layer(block, 256, layers[2], 2)
-            self.layer4 = self._make_layer(block, 512, layers[3], 2)
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512 * block.expansion, num_classes)
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-        def _make_layer(self, block, planes, blocks, stride=1):
-            downsample = None
-            if stride != 1 or self.inplanes != planes * block.expansion:
-                downsample = nn.Sequential(
-                    nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                    nn.BatchNorm2d(planes * block.expansion))
-            layers = [block(self.inplanes, planes, stride, downsample)]
-            self.inplanes = planes * block.expansion
-            layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-            return nn.Sequential(*layers)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    block, layers = {"resnet18": (BasicBlock, [2, 2, 2, 2]),
-                     "resnet50": (Bottleneck, [3, 4, 6, 3])}[arch]
-    torch.manual_seed(0)
-    net = TorchResNet(block, layers, num_classes)
-    with torch.no_grad():  # random affine parameters AND random running statistics
-        for mod in net.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.1)
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.num_batches_tracked.fill_(100)
-        if arch == "resnet50":  # its pooled features are ~20x larger: keep logits O(1-10)
+    models = torchvision_models()
+    torch.manual_seed(seed)
+    net = getattr(models, arch)(num_classes=num_classes)
+    randomize_torch_batchnorm(net, seed)
+    if arch == "resnet50":  # its pooled features are ~20x larger: keep logits O(1-10)
+        with torch.no_grad():
             net.fc.weight.mul_(0.1)
     return torch, net
 
 
-@pytest.mark.parametrize("arch, fmt", [("resnet18", "pth"), ("resnet18", "safetensors"),
-                                       ("resnet50", "pth")])
-def test_parity_with_torch_reference(arch, fmt, tmp_path):
-    torch, net = _torch_resnet(arch, num_classes=10)
-    net.eval()
+def _nhwc(x):
+    return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+def _bn_names(flat):
+    return sorted(k[:-len(".mean")] for k in flat if k.endswith(".mean"))
+
+
+@pytest.mark.parametrize("arch, fmt", [("resnet18", "safetensors"), ("resnet50", "pth")])
+def test_parity_with_torchvision_eval_and_train_mode(arch, fmt, tmp_path):
+    """torchvision.models.<arch> -> importer CLI -> cxrjax: same logits in eval mode; in train mode the same
+    logits (batch statistics) and the same running statistics in every BN layer afterwards."""
+    torch, net = _torchvision_net(arch, num_classes=10)
     src = str(tmp_path / f"tv.{fmt}")
     if fmt == "pth":
         torch.save(net.state_dict(), src)
@@ -320,34 +241,54 @@ def test_parity_with_torch_reference(arch, fmt, tmp_path):
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, src)
     out = str(tmp_path / "cx.safetensors")
     assert itv.main([src, out, "--arch", arch]) == 0
-
     model = fast_init(lambda: ResNet(arch, num_classes=10, rngs=nnx.Rngs(0)))
-    itv.load_pretrained(model, out)
-    x = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
+    tvw.load_pretrained(model, out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 64, 64)).astype(np.float32)
+
+    net.eval()
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
-    got = np.asarray(_forward(model, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(_forward(model, _nhwc(x)))
     diff = float(np.abs(got - ref).max())
-    print(f"{arch} {fmt}: max |logit diff| = {diff:.2e}, logit scale {np.abs(ref).max():.2f}")
+    print(f"{arch} eval: max |logit diff| = {diff:.2e}, logit scale {np.abs(ref).max():.2f}")
     assert diff < 1e-4
 
-
-def test_train_mode_parity_with_torch_resnet18(tmp_path):
-    """One train-mode forward: same outputs (batch statistics) and same running-stat update."""
-    torch, net = _torch_resnet("resnet18", num_classes=10)
-    src = str(tmp_path / "tv.pth")
-    torch.save(net.state_dict(), src)
-    itv.save_flat(str(tmp_path / "cx.npz"), itv.import_torchvision(src))
-    model = fast_init(lambda: resnet18(num_classes=10, rngs=nnx.Rngs(0)))
-    itv.load_pretrained(model, str(tmp_path / "cx.npz"))
-    x = np.random.default_rng(1).normal(size=(4, 3, 64, 64)).astype(np.float32)
     net.train()
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
-    got = np.asarray(_forward(model, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True))
-    assert float(np.abs(got - ref).max()) < 1e-4
-    sd = net.state_dict()
-    ours = flat_state(model)
-    for name in ("bn1", "layer2.0.downsample.1", "layer4.1.bn2"):
-        np.testing.assert_allclose(ours[f"{name}.mean"], sd[f"{name}.running_mean"].numpy(), atol=1e-5)
-        np.testing.assert_allclose(ours[f"{name}.var"], sd[f"{name}.running_var"].numpy(), rtol=1e-4)
+    got = np.asarray(_forward(model, _nhwc(x), train=True))
+    diff = float(np.abs(got - ref).max())
+    print(f"{arch} train: max |logit diff| = {diff:.2e}, logit scale {np.abs(ref).max():.2f}")
+    assert diff < 1e-4
+    sd, ours = net.state_dict(), flat_state(model)
+    names = _bn_names(ours)
+    assert len(names) == {"resnet18": 20, "resnet50": 53}[arch]  # every BN layer of torchvision's model
+    for name in names:  # momentum 0.1, unbiased batch variance, as torch
+        np.testing.assert_allclose(ours[f"{name}.mean"], sd[f"{name}.running_mean"].numpy(), atol=1e-5,
+                                   err_msg=name)
+        np.testing.assert_allclose(ours[f"{name}.var"], sd[f"{name}.running_var"].numpy(), rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+
+    net.eval()  # the updated statistics in use: eval logits agree again
+    x2 = rng.normal(size=(4, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x2)).numpy()
+    assert float(np.abs(np.asarray(_forward(model, _nhwc(x2))) - ref).max()) < 1e-4
+
+
+def test_grey_import_matches_torchvision_on_repeated_channels(tmp_path):
+    """--in_channels 1: cxrjax on a grey image x == torchvision's RGB model on (x, x, x)."""
+    torch, net = _torchvision_net("resnet18", num_classes=5, seed=3)
+    net.eval()
+    src = str(tmp_path / "tv.pth")
+    torch.save(net.state_dict(), src)
+    assert itv.main([src, str(tmp_path / "grey.npz"), "--in_channels", "1"]) == 0
+    grey = fast_init(lambda: resnet18(num_classes=5, in_channels=1, rngs=nnx.Rngs(0)))
+    tvw.load_pretrained(grey, str(tmp_path / "grey.npz"))
+    x = np.random.default_rng(2).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(np.repeat(x, 3, axis=1))).numpy()
+    diff = float(np.abs(np.asarray(_forward(grey, _nhwc(x))) - ref).max())
+    print(f"grey import: max |logit diff| = {diff:.2e}, logit scale {np.abs(ref).max():.2f}")
+    assert diff < 1e-4
