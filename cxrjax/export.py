@@ -7,7 +7,10 @@ r"""Export image embeddings of a prepared data set for downstream notebooks (pan
 One row per image, in table order within each split: `row` (the table.parquet row), the canonical metadata
 columns (image_id, patient_id, study_id, study_order, view, laterality, split, source, the 14 labels) and
 `embedding` (a fixed-size list of float32). `--format=npy` writes OUT/embeddings.npy (n, d) +
-OUT/metadata.parquet (same rows, same order) for sets too large for one parquet column.
+OUT/metadata.parquet (same rows, same order). A masked vision-language run exports its ViT's pooled image
+embedding at its training size. Embeddings stream to disk as they are computed (parquet row groups of
+16,384 images): memory does not grow with the number of images (benchmarks/export_bench.py).
+8- and 16-bit records (`prepare --bit_depth=16`) are each normalised by their own maximum.
 
 Pseudonymisation (default): patient_id, study_id and image_id are replaced by a salted hash
 (HMAC-SHA256, 16 hex digits) and `path` and report text are left out (paths and ids embed the
@@ -32,7 +35,8 @@ from absl import app, flags, logging
 from cxrjax.data import schema
 from cxrjax import xla_cpu
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A cxrjax MoCo run: WORKDIR (latest step) or WORKDIR/STEP.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A cxrjax MoCo or masked vision-language run: WORKDIR (latest "
+                                  "step) or WORKDIR/STEP.")
 _INIT = flags.DEFINE_enum("init", "checkpoint", ["checkpoint", "imagenet", "random"], "Where the encoder comes from.")
 _WEIGHTS = flags.DEFINE_string("weights", "", "--init=imagenet: weights from cxrjax.tools.import_torchvision.")
 _ARCH = flags.DEFINE_string("arch", "resnet18", "--init=imagenet/random: architecture.")
@@ -92,10 +96,29 @@ def metadata_frame(table: pd.DataFrame, rows: np.ndarray, *, raw_ids: bool, salt
     return meta
 
 
+def read_rows(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a 2-D .npy file by plain reads (no memory map: nothing stays resident)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(f))
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-ordered 2-D array, got shape {shape}")
+        f.seek(f.tell() + start * shape[1] * dtype.itemsize)
+        return np.fromfile(f, dtype, count=(stop - start) * shape[1]).reshape(-1, shape[1])
+
+
 def export_embeddings(encoder, data_dir: str, out: str, *, mesh, augment, splits=("train", "valid", "test"),
                       fmt: str = "parquet", output: str = "backbone", raw_ids: bool = False, salt: str = "",
-                      batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Embeddings of every image of `splits` (those present) -> OUT; returns the metadata frame written."""
+                      batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                      chunk_rows: int = 16384) -> pd.DataFrame:
+    """Embeddings of every image of `splits` (those present) -> OUT; returns the metadata frame written.
+
+    Streams: each split's embeddings go to a temporary .npy beside OUT as they are computed, then into the
+    output `chunk_rows` rows at a time (parquet row groups, or one embeddings.npy), so memory does not grow
+    with the number of images (only the metadata table does).
+    """
+    import jax
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -109,29 +132,63 @@ def export_embeddings(encoder, data_dir: str, out: str, *, mesh, augment, splits
         raise ValueError(f"{data_dir}/table.parquet has none of the splits {list(splits)} "
                          f"(it has {sorted(table['split'].unique())})")
     salt = "" if raw_ids else resolve_salt(out, salt)
-    vecs, rows = [], []
-    for split in present:
-        x, r = features.extract_features(encoder, data_dir, split, augment, mesh=mesh, batch_size=batch_size,
-                                         output=output, num_workers=num_workers, progress=progress)
-        vecs.append(x)
-        rows.append(r)
-    vecs, rows = np.concatenate(vecs), np.concatenate(rows)
-    meta = metadata_frame(table, rows, raw_ids=raw_ids, salt=salt)
     out = Path(out)
-    provenance = {"encoder": json.dumps(encoder.source), "data": str(Path(data_dir).resolve()), "output": output,
-                  "size": str(augment.size), "pseudonymised": str(not raw_ids)}
-    if fmt == "npy":
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "embeddings.npy", vecs)
-        t = pa.Table.from_pandas(meta, preserve_index=False)
-        pq.write_table(t.replace_schema_metadata({**(t.schema.metadata or {}), **provenance}), out / "metadata.parquet")
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t = pa.Table.from_pandas(meta, preserve_index=False)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
-        t = t.append_column("embedding", emb)
-        pq.write_table(t.replace_schema_metadata({**(t.schema.metadata or {}), **provenance}), out)
-    return meta
+    (out if fmt == "npy" else out.parent).mkdir(parents=True, exist_ok=True)
+    tmp = {s: (out / f".{s}.embeddings.npy" if fmt == "npy" else out.with_name(f".{out.name}.{s}.embeddings.npy"))
+           for s in present}
+    leader = jax.process_index() == 0
+    try:
+        rows, dim = [], None
+        for split in present:
+            x, r = features.extract_features(encoder, data_dir, split, augment, mesh=mesh, batch_size=batch_size,
+                                             output=output, num_workers=num_workers, progress=progress,
+                                             out=tmp[split])
+            rows.append(r)
+            dim = int(x.shape[1])
+            del x  # a memory map of the temporary file; the rows are read back in chunks below
+        rows = np.concatenate(rows)
+        meta = metadata_frame(table, rows, raw_ids=raw_ids, salt=salt)
+        if not leader:
+            return meta
+        provenance = {"encoder": json.dumps(encoder.source), "data": str(Path(data_dir).resolve()), "output": output,
+                      "size": str(augment.size), "pseudonymised": str(not raw_ids)}
+        chunks = [(split, a, min(a + chunk_rows, n))
+                  for split, n in ((s, int((table["split"] == s).sum())) for s in present)
+                  for a in range(0, n, chunk_rows)]
+        if fmt == "npy":
+            _write_npy_chunks(out / "embeddings.npy", len(rows), dim, ((tmp[s], a, b) for s, a, b in chunks))
+            t = pa.Table.from_pandas(meta, preserve_index=False)
+            pq.write_table(t.replace_schema_metadata({**(t.schema.metadata or {}), **provenance}),
+                           out / "metadata.parquet")
+        else:
+            part = out.with_name(out.name + ".tmp")
+            meta_schema = pa.Schema.from_pandas(meta, preserve_index=False)  # one schema for every row group
+            schema = meta_schema.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
+            schema = schema.with_metadata({**(meta_schema.metadata or {}), **provenance})
+            start = 0
+            with pq.ParquetWriter(part, schema) as writer:
+                for split, a, b in chunks:
+                    t = pa.Table.from_pandas(meta.iloc[start:start + b - a], schema=meta_schema, preserve_index=False)
+                    start += b - a
+                    emb = pa.FixedSizeListArray.from_arrays(pa.array(read_rows(tmp[split], a, b).reshape(-1),
+                                                                     pa.float32()), dim)
+                    writer.write_table(pa.Table.from_arrays([*t.columns, emb], schema=schema), row_group_size=b - a)
+            os.replace(part, out)  # atomic: a killed export never leaves half a file under the final name
+        return meta
+    finally:
+        for f in tmp.values():
+            f.unlink(missing_ok=True)
+            f.with_name(f.name + ".tmp").unlink(missing_ok=True)
+
+
+def _write_npy_chunks(path: Path, n: int, dim: int, blocks) -> None:
+    """One (n, dim) float32 .npy from (file, start, stop) row blocks, in order, without holding it in memory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+        for src, a, b in blocks:
+            f.write(np.ascontiguousarray(read_rows(src, a, b), "<f4").tobytes())
+    os.replace(tmp, path)
 
 
 def main(argv) -> None:
@@ -145,6 +202,7 @@ def main(argv) -> None:
     import jax
 
     from cxrjax.data import augment as augment_lib
+    from cxrjax.data.pipeline import CorruptRecordError
     from cxrjax.train import contrastive
 
     try:
@@ -161,7 +219,12 @@ def main(argv) -> None:
             model.update(arch=_ARCH.value, width=_WIDTH.value)
             encoder = features.build_encoder(model, _INIT.value, weights=_WEIGHTS.value, seed=_SEED.value, mesh=mesh)
         size = _SIZE.value
-        if size <= 0:
+        if encoder.kind == "vit":  # a ViT takes the size it was trained at (fixed patch grid)
+            if size not in (0, encoder.source["image_size"]):
+                raise ValueError(f"the ViT of {_CHECKPOINT.value} takes {encoder.source['image_size']} px images, "
+                                 f"not --size={size}; leave --size out")
+            size = encoder.source["image_size"]
+        elif size <= 0:
             saved = Path(encoder.source.get("checkpoint", "")) / "config.json"
             if not saved.is_file():
                 raise ValueError("--size is required: the run has no config.json with its training size")
@@ -170,7 +233,7 @@ def main(argv) -> None:
         meta = export_embeddings(encoder, _DATA.value, _OUT.value, mesh=mesh, augment=aug, splits=tuple(_SPLITS.value),
                                  fmt=_FORMAT.value, output=_OUTPUT.value, raw_ids=_RAW_IDS.value, salt=_SALT.value,
                                  batch_size=_BATCH.value, num_workers=_WORKERS.value)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CorruptRecordError) as e:
         raise SystemExit(f"cxrjax.export: error: {e}") from None
     where = _OUT.value if _FORMAT.value == "parquet" else f"{_OUT.value}/embeddings.npy + metadata.parquet"
     ids = "raw ids" if _RAW_IDS.value else f"pseudonymised ids (salt in {salt_path(_OUT.value)})"

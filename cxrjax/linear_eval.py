@@ -1,12 +1,14 @@
 r"""Linear evaluation of a pre-trained encoder: frozen features -> logistic probe per label fraction and seed
--> AUC with a 95% bootstrap CI. The protocol and every option are in configs/linear_eval.py.
+-> AUC with a 95% bootstrap CI, beside the baselines (`random`: the same architecture randomly initialised;
+`pixels`: the raw pixels) in one table. The protocol and every option are in configs/linear_eval.py.
 
     python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.checkpoint=runs/demo --workdir=OUT
     python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.init=random --workdir=OUT
 
 WORKDIR receives results.csv (one row per model/task/fraction), results.md (the same as a table),
-per_seed.csv, predictions.parquet (test scores per seed, for paired comparisons), roc-*.png, eval.json
-(what was evaluated) and features/ (the cached features, reused by later runs).
+per_seed.csv, predictions.parquet (test scores per model and seed, for paired comparisons), roc-*.png,
+eval.json (what was evaluated), label_splits_unmatched.csv (with config.label_splits.files) and features/
+(the cached features, reused by later runs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/linear_eval.p
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (results, ROC curves, feature cache).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+BASELINES = ("random", "pixels")
+MAX_UNMATCHED_SHOWN = 50  # unmatched label-split rows printed; all of them are in label_splits_unmatched.csv
+
 
 def note(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -35,35 +40,71 @@ def model_name(config, encoder) -> str:
     src = encoder.source
     if src["init"] == "checkpoint":
         run = Path(src["checkpoint"]) / "run.json"
-        strategy = json.loads(run.read_text()).get("strategy", "moco") if run.is_file() else "moco"
-        return f"{strategy}@{src['step']}"
+        info = json.loads(run.read_text()) if run.is_file() else {}
+        if encoder.kind == "vit":
+            kinds = "+".join(k for k, v in (info.get("shares") or {"paired": 1}).items() if v)
+            return f"mvlm-{kinds}@{src['step']}"
+        return f"{info.get('strategy', 'moco')}@{src['step']}"
     return src["init"]
 
 
 def eval_size(config, encoder) -> int:
-    """config.augment.size, or (0) the run's own training size from its config.json."""
+    """config.augment.size, or (0) the run's own training size from its config.json. A ViT is evaluated at
+    the size it was trained at (its patch grid and position embeddings are fixed)."""
+    src = encoder.source
+    if encoder.kind == "vit":
+        size = int(src["image_size"])
+        if config.augment.size not in (0, size):
+            raise ValueError(f"the ViT of {src.get('checkpoint')} takes {size} px images (its patch grid is fixed), "
+                             f"not config.augment.size={config.augment.size}; set --config.augment.size=0 (or {size})")
+        return size
     if config.augment.size > 0:
         return config.augment.size
-    saved = Path(encoder.source.get("checkpoint", "")) / "config.json"
-    if encoder.source["init"] == "checkpoint" and saved.is_file():
+    saved = Path(src.get("checkpoint", "")) / "config.json"
+    if src["init"] == "checkpoint" and saved.is_file():
         return int(json.loads(saved.read_text())["augment"]["size"])
-    raise ValueError("config.augment.size=0 means 'the run's training size', but the run has no config.json; "
+    raise ValueError("config.augment.size=0 means 'the run's training size', but there is no run with a config.json; "
                      "set --config.augment.size")
 
 
 def build_encoder(config, mesh):
+    """The encoder config.init names (a checkpoint, ImageNet weights, a random init or the raw pixels)."""
     from cxrjax.eval import features
 
     if config.init == "checkpoint":
         if not config.checkpoint:
-            raise ValueError("config.init='checkpoint' needs --config.checkpoint=WORKDIR[/STEP] (a MoCo run); "
-                             "or use --config.init=random / imagenet")
+            raise ValueError("config.init='checkpoint' needs --config.checkpoint=WORKDIR[/STEP] (a MoCo or masked "
+                             "vision-language run); or use --config.init=random / imagenet / pixels")
         return features.restore_encoder(config.checkpoint, mesh)
     if config.checkpoint:
         raise ValueError(f"config.checkpoint is set but config.init={config.init!r}; use init='checkpoint'")
     if config.init not in features.INITS:
         raise ValueError(f"config.init={config.init!r}; expected one of {features.INITS}")
+    if config.init == "pixels":
+        return features.pixels_encoder(config.pixels.size, config.augment.size)
     return features.build_encoder(config.model, config.init, weights=config.weights, seed=config.seed, mesh=mesh)
+
+
+def build_baselines(config, main, size: int, mesh) -> list:
+    """[(name, Encoder)] of config.baselines: 'random' = the main encoder's architecture randomly initialised
+    with config.seed (config.model's when the main row is the raw pixels), 'pixels' = the raw pixels."""
+    from cxrjax.eval import features
+
+    unknown = [b for b in config.baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"config.baselines has {unknown}; known baselines: {list(BASELINES)}")
+    out = []
+    for b in dict.fromkeys(config.baselines):  # unique, in order
+        if b == "pixels":
+            if main.kind != "pixels":
+                out.append(("pixels", features.pixels_encoder(config.pixels.size, size)))
+        elif main.source.get("init") != "random" or main.kind == "pixels":
+            if main.kind == "pixels":
+                enc = features.build_encoder(config.model, "random", seed=config.seed, mesh=mesh)
+            else:
+                enc = features.random_like(main, config.seed, mesh)
+            out.append(("random", enc))
+    return out
 
 
 def finetuned_scores(config, encoder, data_dir, rows, targets, aug, seed, mesh):
@@ -84,6 +125,58 @@ def finetuned_scores(config, encoder, data_dir, rows, targets, aug, seed, mesh):
                                      batch_size=config.batch_size, num_workers=config.data.num_workers,
                                      name=config.data.name, progress=False)
     return x @ w + b
+
+
+def label_samples(config, table, targets, r_tr, workdir):
+    """{(fraction, seed): dict(rows = table rows of the training sample, patients, added_for_classes, file)}.
+
+    cxrjax's own draw (by patient, `linear.sample_fraction`), or with config.label_splits.files the images
+    each split file names (any split but the test split; unmatched rows listed); fraction 1.0 = all of train.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from cxrjax.data import schema
+    from cxrjax.eval import label_splits, linear
+
+    patients = table["patient_id"].to_numpy()
+    files = (label_splits.files_for(config.label_splits.files, config.fractions, config.seeds)
+             if config.label_splits.files else {})
+    index = label_splits.TableIndex(table) if files else None
+    samples, unmatched = {}, []
+    for fraction in config.fractions:
+        for seed in config.seeds:
+            key = (float(fraction), int(seed))
+            if key in files:
+                m = label_splits.match_file(files[key], index, test_split=config.data.test_split,
+                                            label_columns=schema.CHEXPERT_LABELS)
+                unmatched.append(m.unmatched)
+                differ = {c: n for c, n in m.label_disagreements.items() if n}
+                note(f"Label split {files[key]}: {len(m.rows)} of {m.n_file_rows} rows matched"
+                     + (f"; labels differing from the table's: {differ} (the table's are used)" if differ else ""))
+                if not len(m.rows):
+                    raise ValueError(f"label split {files[key]}: no row matches an image of the table (see "
+                                     f"{workdir}/label_splits_unmatched.csv)")
+                rows = np.sort(m.rows)
+                samples[key] = dict(rows=rows, patients=int(len(np.unique(patients[rows]))), added_for_classes=0,
+                                    file=Path(files[key]).name)
+                for j in range(targets.shape[1]):
+                    if set(np.unique(targets[rows, j][np.isfinite(targets[rows, j])])) != {0.0, 1.0}:
+                        raise ValueError(f"label split {files[key]}: task {j} lacks a class among its images; "
+                                         "the probe cannot be trained")
+            else:
+                s = linear.sample_fraction(patients[r_tr], targets[r_tr], fraction, seed)
+                samples[key] = dict(rows=r_tr[s.rows], patients=s.patients, added_for_classes=s.added_for_classes,
+                                    file="")
+    if files:
+        bad = pd.concat(unmatched, ignore_index=True)
+        bad.to_csv(workdir / "label_splits_unmatched.csv", index=False)
+        note(f"Label splits: {len(bad)} unmatched row(s) (all in {workdir / 'label_splits_unmatched.csv'})")
+        for r in bad.head(MAX_UNMATCHED_SHOWN).itertuples(index=False):
+            note(f"  unmatched {r.file}:{r.line} {r.value}: {r.reason}")
+        if len(bad) > MAX_UNMATCHED_SHOWN:
+            note(f"  ... and {len(bad) - MAX_UNMATCHED_SHOWN} more in label_splits_unmatched.csv")
+    return samples
 
 
 def evaluate(config, workdir: str):
@@ -116,62 +209,102 @@ def evaluate(config, workdir: str):
         if splits[role] not in present:
             raise ValueError(f"{data_dir}/table.parquet has no {role} split {splits[role]!r} (splits: {sorted(present)})")
 
+    if config.label_splits.files:  # a missing file is an error before any feature is extracted
+        from cxrjax.eval import label_splits
+
+        label_splits.files_for(config.label_splits.files, config.fractions, config.seeds)
+
     note(f"Creating the encoder ({config.init}) ...")
     encoder = build_encoder(config, mesh)
     name = model_name(config, encoder)
     aug = augment_lib.AugmentConfig(size=eval_size(config, encoder), eval_crop=config.augment.eval_crop)
+    models = [(name, encoder)] + [(n, e) for n, e in build_baselines(config, encoder, aug.size, mesh) if n != name]
+    if config.finetune.enabled and encoder.kind == "pixels":
+        raise ValueError("config.finetune.enabled: the raw pixels (init=pixels) have no model to fine-tune")
     cache = config.feature_cache or workdir / "features"
-    feats = {}
-    for role, split in splits.items():
-        if split not in present:
-            continue
-        note(f"Features of split {split!r} ({aug.size} px, {config.output}) ...")
-        x, rows = features.cached_features(encoder, data_dir, split, aug, cache_dir=cache, note=note, mesh=mesh,
-                                           batch_size=config.batch_size, output=config.output,
-                                           num_workers=config.data.num_workers, name=config.data.name)
-        feats[role] = (x, rows)
+    feats = {}  # model -> role -> (x, rows)
+    for model, enc in models:
+        feats[model] = {}
+        for role, split in splits.items():
+            if split not in present:
+                continue
+            output = "backbone" if enc.kind == "pixels" else config.output
+            note(f"Features of split {split!r}: {model} ({aug.size} px, {output}) ...")
+            feats[model][role] = features.cached_features(
+                enc, data_dir, split, aug, cache_dir=cache, note=note, mesh=mesh, batch_size=config.batch_size,
+                output=output, num_workers=config.data.num_workers, name=config.data.name)
 
-    x_tr, r_tr = feats["train"]
-    x_te, r_te = feats["test"]
-    y_tr, y_te = targets[r_tr], targets[r_te]
-    has_valid = "valid" in feats
+    r_tr = feats[name]["train"][1]
+    r_te = feats[name]["test"][1]
+    y_te = targets[r_te]
+    has_valid = "valid" in feats[name]
     for j, t in enumerate(tasks):
         classes = set(np.unique(y_te[np.isfinite(y_te[:, j]), j]).tolist())
         if classes != {0.0, 1.0}:
             note(f"WARNING: task {t.name!r} has class(es) {sorted(classes)} only among the {splits['test']!r} images: "
                  "its AUC is undefined (NaN). Choose another task or split.")
     grid = tuple(float(v) for v in config.probe.l2_grid)
+    samples = label_samples(config, table, targets, r_tr, workdir)
 
-    note(f"Probing {len(tasks)} task(s) x {len(config.fractions)} fraction(s) x {len(config.seeds)} seed(s) ...")
+    def rows_features(model, rows):
+        """Features of table `rows` (sorted) from the model's train / valid features (a label split may name
+        images of our valid split: MedAug drew its splits from all of CheXpert's train.csv)."""
+        out = np.empty((len(rows), feats[model]["train"][0].shape[1]), np.float32)
+        done = np.zeros(len(rows), bool)
+        for role in ("train", "valid"):
+            if role in feats[model]:
+                x, r = feats[model][role]
+                pos = np.clip(np.searchsorted(r, rows), 0, len(r) - 1)
+                hit = r[pos] == rows
+                out[hit] = x[pos[hit]]
+                done |= hit
+        assert done.all(), "label sample rows outside train/valid"
+        return out
+
+    note(f"Probing {len(models)} model(s) x {len(tasks)} task(s) x {len(config.fractions)} fraction(s) x "
+         f"{len(config.seeds)} seed(s) ...")
     per_seed, preds = [], []
-    for fraction in config.fractions:
-        for seed in config.seeds:
-            sample = linear.sample_fraction(patients[r_tr], y_tr, fraction, seed)
-            xs, ys = x_tr[sample.rows], y_tr[sample.rows]
-            l2, valid_aucs = (linear.select_l2(xs, ys, feats["valid"][0], targets[feats["valid"][1]], grid,
-                                               steps=config.probe.steps) if has_valid else (float("nan"), {}))
+    for (fraction, seed), sample in samples.items():
+        rows = sample["rows"]
+        ys = targets[rows]
+        if has_valid:  # L2 chosen on valid images of patients outside the sample
+            r_va = feats[name]["valid"][1]
+            va_keep = ~np.isin(patients[r_va], patients[rows])
+        for model, enc in models:
+            xs = rows_features(model, rows)
+            x_te = feats[model]["test"][0]
+            fitted = {}
+            if has_valid:
+                x_va = np.asarray(feats[model]["valid"][0])[va_keep]
+                l2, valid_aucs = linear.select_l2(xs, ys, x_va, targets[r_va[va_keep]], grid, steps=config.probe.steps,
+                                                  tol=config.probe.tol, probes=fitted)
+            else:
+                l2, valid_aucs = float("nan"), {}
             chosen = l2 if np.isfinite(l2) else float(config.probe.l2)
-            probe = linear.fit_probe(xs, ys, l2=chosen, steps=config.probe.steps)
-            results = [(name, linear.predict(probe, x_te), probe.final_loss)]
-            if config.finetune.enabled:
-                results.append((f"{name} (fine-tuned)", finetuned_scores(config, encoder, data_dir, r_tr[sample.rows],
-                                                                        targets, aug, seed, mesh), np.nan))
-            for model, scores, final_loss in results:
+            probe = fitted.get(chosen) or linear.fit_probe(xs, ys, l2=chosen, steps=config.probe.steps,
+                                                           tol=config.probe.tol)
+            results = [(model, linear.predict(probe, x_te), probe.final_loss, probe.iterations)]
+            if config.finetune.enabled and model == name:
+                results.append((f"{name} (fine-tuned)", finetuned_scores(config, enc, data_dir, rows, targets, aug,
+                                                                        seed, mesh), np.nan, 0))
+            for label, scores, final_loss, iterations in results:
                 for j, t in enumerate(tasks):
-                    per_seed.append(dict(model=model, task=t.name, fraction=fraction, seed=seed,
+                    per_seed.append(dict(model=label, task=t.name, fraction=fraction, seed=seed,
                                          auc=linear.task_auc(y_te[:, j], scores[:, j]), l2=chosen,
                                          l2_from="valid" if np.isfinite(l2) else "fixed",
                                          valid_auc=valid_aucs.get(chosen, np.nan),
-                                         train_images=len(sample.rows), train_patients=sample.patients,
+                                         train_images=len(rows), train_patients=sample["patients"],
                                          train_positives=int(np.nansum(ys[:, j] == 1)),
-                                         added_for_classes=sample.added_for_classes, final_loss=final_loss))
-                    preds.append(pd.DataFrame(dict(model=model, task=t.name, fraction=fraction, seed=seed, row=r_te,
+                                         added_for_classes=sample["added_for_classes"], label_split=sample["file"],
+                                         final_loss=final_loss, probe_iterations=iterations))
+                    preds.append(pd.DataFrame(dict(model=label, task=t.name, fraction=fraction, seed=seed, row=r_te,
                                                    label=y_te[:, j], score=scores[:, j])))
     per_seed = pd.DataFrame(per_seed)
     preds = pd.concat(preds, ignore_index=True)
 
     note(f"AUC and {config.bootstrap.samples}-sample bootstrap CIs (over test patients) ...")
     summary = []
+    sources = {m: e.source for m, e in models}
     for (model, task, fraction), g in preds.groupby(["model", "task", "fraction"], sort=False):
         wide = g.pivot(index="row", columns="seed", values="score").loc[r_te]
         y = targets[r_te, [t.name for t in tasks].index(task)]
@@ -179,22 +312,24 @@ def evaluate(config, workdir: str):
                                  seed=config.bootstrap.seed)
         ps = per_seed[(per_seed.model == model) & (per_seed.task == task) & (per_seed.fraction == fraction)]
         ok = np.isfinite(y)
+        src = sources.get(model, encoder.source)
         summary.append(dict(model=model, task=task, fraction=fraction, auc_mean=s.mean, auc_sd=s.sd, ci_lo=s.lo,
                             ci_hi=s.hi, seeds=len(s.per_seed), boot_used=s.n_boot_used,
                             train_images_mean=ps.train_images.mean(), train_patients_mean=ps.train_patients.mean(),
                             test_images=int(ok.sum()), test_positives=int((y[ok] == 1).sum()),
                             test_patients=int(len(np.unique(patients[r_te][ok]))),
-                            l2_median=float(ps.l2.median()), init=config.init, checkpoint=config.checkpoint,
+                            l2_median=float(ps.l2.median()), init=src.get("init"),
+                            checkpoint=src.get("checkpoint", ""), label_splits=config.label_splits.files,
                             data=str(data_dir), test_split=splits["test"], size=aug.size))
-        kind = "-finetuned" if model != name else ""
-        slug = "".join(ch if ch.isalnum() else "-" for ch in f"{task}-{linear.format_fraction(fraction)}").strip("-")
-        linear.plot_roc(workdir / f"roc-{slug}{kind}.png", y, wide.to_numpy().T,
+        slug = "".join(ch if ch.isalnum() else "-"
+                       for ch in f"{model}-{task}-{linear.format_fraction(fraction)}").strip("-")
+        linear.plot_roc(workdir / f"roc-{slug}.png", y, wide.to_numpy().T,
                         f"{model}: {task}, {linear.format_fraction(fraction)} labels (test)")
     summary = pd.DataFrame(summary)
     preds.to_parquet(workdir / "predictions.parquet", index=False)
     (workdir / "eval.json").write_text(json.dumps(
-        {"encoder": encoder.source, "name": name, "data": str(data_dir), "splits": splits, "size": aug.size,
-         "config": config.to_dict()}, indent=1, default=str))
+        {"encoder": encoder.source, "name": name, "models": {m: e.source for m, e in models}, "data": str(data_dir),
+         "splits": splits, "size": aug.size, "config": config.to_dict()}, indent=1, default=str))
     md = linear.write_results(workdir, summary, per_seed,
                               title=f"Linear evaluation, {splits['test']} split of {data_dir} (seeds {list(config.seeds)})")
     print(md, flush=True)

@@ -1,5 +1,5 @@
 """Embedding export: round trip (rows, ids, vectors == a direct forward pass), pseudonymisation, npy format,
-and the command line."""
+streaming in row groups, 16-bit records = 8-bit records, damaged checkpoints, and the command line."""
 
 import hashlib
 import hmac
@@ -81,8 +81,10 @@ def test_parquet_round_trip_with_pseudonyms(tmp_path, phantom, encoder):
     assert "path" not in got.columns and "report" not in got.columns
     assert salt.encode() not in out.read_bytes()
     assert got.split.tolist() == raw.split.tolist() and got.view.tolist() == raw.view.tolist()
-    # the same patient keeps one pseudonym (joins across images work); a re-export reuses the salt
-    assert got.groupby("patient_id").size().sum() == len(got)
+    # one pseudonym per patient and one patient per pseudonym (joins across images work, none merge)
+    pairs = set(zip(raw.patient_id, got.patient_id))
+    assert len(pairs) == raw.patient_id.nunique() == got.patient_id.nunique()
+    # a re-export reuses the salt
     again = export.export_embeddings(enc, str(phantom), str(out), mesh=mesh, augment=AUG, splits=("test",), progress=False)
     assert set(again.patient_id) <= set(got.patient_id)
     other = export.export_embeddings(enc, str(phantom), str(tmp_path / "o.parquet"), mesh=mesh, augment=AUG,
@@ -127,3 +129,140 @@ def test_command_line(tmp_path, phantom):
     bad = subprocess.run(cmd[:3] + [f"--data={tmp_path}", f"--out={out}", "--size=32"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode != 0 and "holds no table.parquet" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_export_streams_in_row_groups(tmp_path, phantom, encoder):
+    """Small chunks: many parquet row groups / npy blocks, the same rows and vectors as one in-memory pass."""
+    enc, mesh = encoder
+    whole = export.export_embeddings(enc, str(phantom), str(tmp_path / "a.parquet"), mesh=mesh, augment=AUG,
+                                     raw_ids=True, progress=False)
+    export.export_embeddings(enc, str(phantom), str(tmp_path / "b.parquet"), mesh=mesh, augment=AUG, raw_ids=True,
+                             progress=False, chunk_rows=7)
+    export.export_embeddings(enc, str(phantom), str(tmp_path / "c"), mesh=mesh, augment=AUG, raw_ids=True, fmt="npy",
+                             progress=False, chunk_rows=5)
+    a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
+    n_split = pd.read_parquet(phantom / "table.parquet").split.value_counts()
+    assert pq.ParquetFile(tmp_path / "b.parquet").num_row_groups == sum(-(-n // 7) for n in n_split)
+    assert pq.ParquetFile(tmp_path / "a.parquet").num_row_groups == 3  # one per split
+    pd.testing.assert_frame_equal(a.drop(columns="embedding"), b.drop(columns="embedding"))
+    np.testing.assert_array_equal(np.stack(a.embedding), np.stack(b.embedding))
+    np.testing.assert_array_equal(np.load(tmp_path / "c" / "embeddings.npy"), np.stack(a.embedding))
+    assert pd.read_parquet(tmp_path / "c" / "metadata.parquet").row.tolist() == whole.row.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "c"]  # no temporary files left
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["embeddings.npy", "metadata.parquet"]
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit records
+
+
+@pytest.fixture(scope="module")
+def bit_depths(tmp_path_factory):
+    """The same 8-bit PNG files prepared as 8-bit and as 16-bit records (`prepare --bit_depth=16`)."""
+    from PIL import Image
+
+    from cxrjax import prepare
+
+    root = tmp_path_factory.mktemp("bits")
+    rng = np.random.default_rng(0)
+    rows = []
+    yy, xx = np.mgrid[0:32, 0:32]
+    for i in range(24):
+        img = np.clip(60 + 4 * xx + 2 * yy * (i % 3) + rng.normal(0, 20, (32, 32)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.png")
+        rows.append({"File": f"img{i}.png", "PID": f"p{i // 2}", "Split": ["train", "valid", "test"][(i // 2) % 3],
+                     "Effusion": float(i % 2)})
+    pd.DataFrame(rows).to_csv(root / "images.csv", index=False)
+    out = {}
+    for bits in (8, 16):
+        out[bits] = root / f"bits{bits}"
+        prepare.prepare_dataset("csv", out[bits], src=root / "images.csv", size=32, bit_depth=bits, workers=1,
+                                csv_mapping="path=File,patient_id=PID,split=Split,Pleural Effusion=Effusion",
+                                strategies=["instance"])
+    return out
+
+
+def test_16_bit_records_give_the_8_bit_features_and_export(tmp_path, bit_depths, encoder):
+    from cxrjax.data import pipeline
+
+    enc, mesh = encoder
+    reader = {b: pipeline.RecordReader(d, "csv", "train") for b, d in bit_depths.items()}
+    img8, img16 = reader[8].image(0), reader[16].image(0)
+    assert img8.dtype == np.uint8 and img16.dtype == np.uint16  # really 16-bit records (= 257 x the 8-bit pixels)
+    np.testing.assert_array_equal(img16, img8.astype(np.uint16) * 257)
+    feats = {b: features.extract_features(enc, str(d), "train", AUG, mesh=mesh, batch_size=8, progress=False)
+             for b, d in bit_depths.items()}
+    np.testing.assert_array_equal(feats[8][1], feats[16][1])
+    scale = np.abs(feats[8][0]).max()
+    np.testing.assert_allclose(feats[16][0], feats[8][0], rtol=1e-4, atol=1e-5 * scale)
+    for b in (8, 16):
+        export.export_embeddings(enc, str(bit_depths[b]), str(tmp_path / f"{b}.parquet"), mesh=mesh, augment=AUG,
+                                 raw_ids=True, progress=False)
+    e8, e16 = (np.stack(pd.read_parquet(tmp_path / f"{b}.parquet").embedding) for b in (8, 16))
+    np.testing.assert_allclose(e16, e8, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_16_bit_records_fine_tune_as_the_8_bit_ones(bit_depths, encoder):
+    """Fine-tuning (rotation + flip views) on 8- vs 16-bit records of the same images: the same losses up to
+    the rounding of the 8-bit views (each depth is resampled at its own precision). Normalising 16-bit pixels
+    by 255 would put inputs ~257x out of range (loss orders of magnitude off)."""
+    import re
+
+    from cxrjax.eval import linear
+
+    enc, mesh = encoder
+    table = pd.read_parquet(bit_depths[8] / "table.parquet")
+    targets = linear.task_labels(table, [linear.Task("Pleural Effusion", "Pleural Effusion")])
+    rows = np.flatnonzero(table.split == "train")
+    losses = {}
+    for b, d in bit_depths.items():
+        logs = []
+        linear.finetune(enc, str(d), rows, targets, mesh=mesh, augment=AUG, epochs=2, lr=1e-3, batch_size=8, seed=0,
+                        note=logs.append)
+        losses[b] = [float(re.search(r"loss ([-\d.]+)", m).group(1)) for m in logs]
+    assert len(losses[8]) == 2 and losses[8][0] > 0.1  # BCE of a zero head: ln 2 on the first step
+    np.testing.assert_allclose(losses[16], losses[8], rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def fake_moco_run(workdir: Path, enc) -> Path:
+    """A MoCo-shaped run holding `enc` as the query encoder at step 1 (what restore_encoder reads)."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    model = contrastive.default_config().model
+    model.update(width=enc.source["width"])
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"job": "moco", "model": model.to_dict(), "augment": {"size": 32}}))
+    (workdir / "run.json").write_text(json.dumps({"job": "moco", "strategy": "instance"}))
+    with ocp.CheckpointManager(workdir / "checkpoints") as m:
+        m.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"q_params": enc.params, "q_stats": enc.stats})))
+        m.wait_until_finished()
+    return workdir
+
+
+@pytest.mark.slow
+def test_command_line_reads_a_run_and_a_damaged_one_is_one_line(tmp_path, phantom, encoder):
+    enc, _ = encoder
+    run = fake_moco_run(tmp_path / "run", enc)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "cxrjax.export", f"--checkpoint={run}", f"--data={phantom}", "--splits=test",
+           "--raw_ids"]
+    r = subprocess.run(cmd + [f"--out={tmp_path / 'ok.parquet'}"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = pd.read_parquet(tmp_path / "ok.parquet")
+    direct = _direct_forward(enc, phantom, pd.read_parquet(phantom / "table.parquet"))  # size 32 from its config.json
+    np.testing.assert_allclose(np.stack(got.embedding), np.stack([direct[r] for r in got.row]), rtol=1e-4, atol=1e-5)
+    for f in (run / "checkpoints" / "1" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and not f.name.startswith("_"):
+            with open(f, "r+b") as fh:
+                fh.truncate(f.stat().st_size // 2)
+    bad = subprocess.run(cmd + [f"--out={tmp_path / 'bad.parquet'}"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-3000:]
+    assert f"{run.resolve()}/checkpoints/1 cannot be read" in bad.stderr and "damaged" in bad.stderr
+    assert "the run has no other checkpoint" in bad.stderr
+    assert not (tmp_path / "bad.parquet").exists()

@@ -1,5 +1,7 @@
 """Linear evaluation: labels and policies, patient-level label fractions, the probe vs scikit-learn, AUC and
-its bootstrap CI vs scikit-learn, and checkpoint -> features -> AUC on a tiny MoCo run."""
+its bootstrap CI vs scikit-learn, raw-pixel features vs OpenCV, external label splits (MedAug's real files),
+and checkpoint -> features -> AUC beside the random and pixels rows for a tiny MoCo run and a tiny masked
+vision-language (ViT) run; damaged checkpoints and config mistakes are one line."""
 
 import json
 import os
@@ -105,6 +107,14 @@ def test_probe_matches_sklearn_logistic_regression():
     ref = LogisticRegression(C=1.0 / (l2 * n), tol=1e-10, max_iter=10_000).fit((x - probe.mean) / probe.std, y)
     np.testing.assert_allclose(probe.w[:, 0], ref.coef_[0], atol=2e-3)
     np.testing.assert_allclose(probe.b, ref.intercept_, atol=2e-3)
+    assert 0 < probe.iterations < 300  # stopped by convergence (gradient norm < tol), not by the cap
+    # a hard case: weak L2 on more features than images (near-separable); padding of rows and features exact
+    x2 = rng.normal(size=(40, 100)).astype(np.float32)
+    y2 = (x2[:, 0] + 0.5 * rng.normal(size=40) > 0).astype(np.float32)
+    p2 = linear.fit_probe(x2, y2[:, None], l2=1e-3, steps=300)
+    ref2 = LogisticRegression(C=1.0 / (1e-3 * 40), tol=1e-12, max_iter=100_000).fit((x2 - p2.mean) / p2.std, y2)
+    np.testing.assert_allclose(p2.w[:, 0], ref2.coef_[0], atol=2e-3)
+    assert p2.w.shape == (100, 1)
 
 
 def test_masked_loss_counts_only_labelled_rows_per_task():
@@ -122,6 +132,23 @@ def test_masked_loss_counts_only_labelled_rows_per_task():
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def reference_bootstrap(y, scores, groups, samples, seed):
+    """Percentile 95% CI of the mean-over-seeds AUC when test patients are resampled with replacement
+    (scikit-learn AUCs, written out directly): (lo, hi, resamples used)."""
+    ok = np.isfinite(y)
+    yy, ss, gg = y[ok], np.atleast_2d(scores)[:, ok], groups[ok]
+    uniq = np.unique(gg)
+    r = np.random.default_rng(seed)
+    boots = []
+    for _ in range(samples):
+        pick = r.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([np.flatnonzero(gg == uniq[i]) for i in pick])
+        if len(np.unique(yy[idx])) == 2:
+            boots.append(np.mean([roc_auc_score(yy[idx], si[idx]) for si in ss]))
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return lo, hi, len(boots)
+
+
 def test_auc_and_bootstrap_ci_against_sklearn():
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(60), 2)
@@ -135,17 +162,9 @@ def test_auc_and_bootstrap_ci_against_sklearn():
     assert s.mean == pytest.approx(np.mean(expected))
     assert s.sd == pytest.approx(np.std(expected, ddof=1))
     # the same cluster bootstrap written out directly
-    yy, ss, gg = y[ok], scores[:, ok], groups[ok]
-    uniq = np.unique(gg)
-    r = np.random.default_rng(7)
-    boots = []
-    for _ in range(100):
-        pick = r.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([np.flatnonzero(gg == uniq[i]) for i in pick])
-        if len(np.unique(yy[idx])) == 2:
-            boots.append(np.mean([roc_auc_score(yy[idx], si[idx]) for si in ss]))
-    assert s.n_boot_used == len(boots)
-    np.testing.assert_allclose([s.lo, s.hi], np.quantile(boots, [0.025, 0.975]), rtol=1e-12)
+    lo, hi, used = reference_bootstrap(y, scores, groups, 100, 7)
+    assert s.n_boot_used == used
+    np.testing.assert_allclose([s.lo, s.hi], [lo, hi], rtol=1e-12)
     assert s.lo < s.mean < s.hi
     perfect = linear.bootstrap_auc(np.array([0, 0, 1, 1.0]), np.array([[0.1, 0.2, 0.8, 0.9]]), np.arange(4), samples=50)
     assert (perfect.mean, perfect.lo, perfect.hi) == (1.0, 1.0, 1.0)
@@ -165,6 +184,86 @@ def test_results_files(tmp_path):
     y = np.array([0, 1, 0, 1.0, np.nan])
     linear.plot_roc(tmp_path / "roc.png", y, np.array([[0.1, 0.9, 0.3, 0.6, 0.5]]), "t")
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- external label splits
+
+
+def _split_table():
+    t = pd.DataFrame({
+        "image_id": ["patient00001/study1/view1_frontal", "patient00001/study2/view1_frontal",
+                     "patient00002/study1/view2_lateral", "patient00003/study1/view1_frontal", "x-ray-7"],
+        "path": ["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+                 "CheXpert-v1.0-small/train/patient00001/study2/view1_frontal.jpg",
+                 "CheXpert-v1.0-small/train/patient00002/study1/view2_lateral.jpg",
+                 "CheXpert-v1.0-small/valid/patient00003/study1/view1_frontal.jpg", "images/x-ray-7.png"],
+        "split": ["train", "train", "valid", "test", "train"],
+        "Pleural Effusion": [1.0, 0.0, np.nan, 1.0, 0.0],
+    })
+    return t
+
+
+def test_label_split_files_match_on_the_chexpert_tail_and_name_every_unmatched_row(tmp_path):
+    from cxrjax.eval import label_splits
+
+    f = tmp_path / "train_semi_0.01-it0.csv"
+    f.write_text(",Path,Pleural Effusion\n"
+                 "3,/deep/group/CheXpert/CheXpert-v1.0-small/train/patient00002/study1/view2_lateral.jpg,\n"  # line 2
+                 "0,/deep/group/CheXpert/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,0.0\n"  # 3
+                 "9,/deep/group/CheXpert/CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg,1.0\n"  # 4
+                 "4,/deep/group/CheXpert/CheXpert-v1.0-small/valid/patient00003/study1/view1_frontal.jpg,1.0\n"  # 5
+                 "0,/elsewhere/patient00001/study1/view1_frontal.png,1.0\n"  # 6: the same image as line 3
+                 "5,/data/cxr/images/x-ray-7.png,0.0\n")  # 7: not CheXpert: a suffix of the table's path
+    m = label_splits.match_file(f, label_splits.TableIndex(_split_table()), label_columns=["Pleural Effusion"])
+    assert m.rows.tolist() == [2, 0, 4]  # file order; the valid-split image counts (MedAug drew from all of train)
+    assert m.unmatched.line.tolist() == [4, 5, 6] and m.n_file_rows == 6
+    assert "no image of the table matches" in m.unmatched.reason[0]
+    assert "test split 'test'" in m.unmatched.reason[1]
+    assert m.unmatched.reason[2] == "the same image as line 3"
+    assert m.label_disagreements == {"Pleural Effusion": 1}  # line 3 says 0, the table says 1
+    ids = tmp_path / "ids.csv"
+    ids.write_text("image_id\npatient00001/study2/view1_frontal\nnope\n")
+    m = label_splits.match_file(ids, label_splits.TableIndex(_split_table()))
+    assert m.rows.tolist() == [1] and m.unmatched.value.tolist() == ["nope"]
+    with pytest.raises(ValueError, match="no image column"):
+        (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+        label_splits.match_file(tmp_path / "bad.csv", label_splits.TableIndex(_split_table()))
+    assert label_splits.files_for(str(tmp_path / "train_semi_{fraction}-it{seed}.csv"), (0.01, 1.0), (0,)) == \
+        {(0.01, 0): f}
+    with pytest.raises(FileNotFoundError, match=r"train_semi_0.001-it0.csv"):
+        label_splits.files_for(str(tmp_path / "train_semi_{fraction}-it{seed}.csv"), (0.001,), (0,))
+
+
+def test_medaug_published_label_splits_match_every_row(shared_data, tmp_path):
+    """MedAug's real split files against the table `prepare --source=chexpert` builds from the real train.csv
+    and valid.csv: every row of every 1 % and 0.1 % file is one image of the training part, with the same labels."""
+    import gzip
+
+    from cxrjax.data import metadata, schema
+    from cxrjax.eval import label_splits
+
+    folder = shared_data / "medaug-label-fractions"
+    chexpert = tmp_path / "CheXpert-v1.0-small"
+    chexpert.mkdir()
+    (chexpert / "train.csv.gz").symlink_to(shared_data / "metadata" / "chexpert_train.csv.gz")
+    (chexpert / "valid.csv.gz").symlink_to(folder / "valid.csv.gz")
+    table = metadata.load_chexpert(tmp_path).table
+    index = label_splits.TableIndex(table)
+    files = sorted(folder.glob("train_semi_*-it*.csv.gz"))
+    assert len(files) == 10
+    for f in files:
+        with gzip.open(f, "rt") as fh:
+            n_lines = sum(1 for _ in fh) - 1  # the header
+        m = label_splits.match_file(f, index, test_split="test", label_columns=schema.CHEXPERT_LABELS)
+        assert m.unmatched.empty, (f.name, m.unmatched.head())
+        assert len(m.rows) == n_lines and len(set(m.rows)) == n_lines
+        assert set(table.split.iloc[m.rows]) <= {"train", "valid"}  # never our test split (= their valid.csv)
+        assert not any(m.label_disagreements.values()), m.label_disagreements
+    fractions = {f.name: len(label_splits.match_file(f, index).rows) for f in files}
+    assert fractions["train_semi_0.01-it0.csv.gz"] == 2259  # the data README: ~2,259 images per 1 % split
+    # MedAug's valid.csv is our test split: as a training file every row is refused, with the reason
+    m = label_splits.match_file(folder / "valid.csv.gz", index)
+    assert len(m.rows) == 0 and len(m.unmatched) == 234 and m.unmatched.reason.str.contains("test split").all()
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -194,27 +293,89 @@ def tiny_run(tmp_path_factory):
     return data, workdir
 
 
+def eval_config(data, *variants, **updates):
+    """configs/linear_eval.py:demo shrunk for the tiny phantom (two tasks with both classes in its test split)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("linear_eval_config", REPO / "configs" / "linear_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(",".join(("demo",) + variants))
+    c.data.dir = str(data)
+    c.augment.size = 32
+    c.fractions, c.seeds = (0.1, 1.0), (0, 1)
+    c.bootstrap.samples = 50
+    c.probe.l2_grid = (0.01, 1.0)
+    c.blank = "zeros"
+    c.tasks = ("No Finding", "Support Devices")
+    c.pixels.size = 8
+    c.batch_size = 16
+    c.update(updates)
+    return c
+
+
 def _eval_cmd(workdir, data, *extra):
     return [sys.executable, "-m", "cxrjax.linear_eval", f"--config={REPO}/configs/linear_eval.py:demo",
             f"--workdir={workdir}", f"--config.data.dir={data}", "--config.augment.size=32",
             "--config.fractions=(0.1,1.0)", "--config.seeds=(0,1)", "--config.bootstrap.samples=50",
-            "--config.probe.l2_grid=(0.01,1.0)", "--config.probe.steps=50", "--config.blank=zeros",
-            # two tasks with both classes in the tiny phantom's test split (it has no effusion there)
+            "--config.probe.l2_grid=(0.01,1.0)", "--config.blank=zeros", "--config.pixels.size=8",
             "--config.tasks=('No Finding','Support Devices')", *extra]
 
 
+def _mesh():
+    import jax
+
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 @pytest.mark.slow
-def test_checkpoint_to_features_to_auc(tmp_path, tiny_run):
+def test_pixel_features_are_the_area_resized_eval_image(tiny_run, tmp_path):
+    """`pixels` = what the encoders see (record -> eval transform -> normalisation), area-resized: against
+    OpenCV's INTER_AREA on the normalised images, numpy's normalisation, record by record."""
+    import cv2
+
+    from cxrjax.data import augment as augment_lib
+    from cxrjax.data import pipeline
+    from cxrjax.eval import features
+
+    data, _ = tiny_run
+    aug = augment_lib.AugmentConfig(size=32)
+    enc = features.pixels_encoder(8)
+    x, rows = features.cached_features(enc, str(data), "valid", aug, cache_dir=tmp_path, note=lambda s: None,
+                                       mesh=_mesh(), batch_size=16, progress=False)
+    prepared = pipeline.load_prepared(data, "valid", None)
+    reader = pipeline.RecordReader(data, prepared.name, "valid")
+    np.testing.assert_array_equal(rows, np.sort(prepared.split_rows))
+    want = {}
+    for rec, row in enumerate(prepared.split_rows):
+        img = augment_lib.eval_transform(reader.image(rec), aug).astype(np.float64)
+        norm = ((img / 255.0 - augment_lib.CXR_MEAN) / augment_lib.CXR_STD).astype(np.float32)
+        want[int(row)] = cv2.resize(norm, (8, 8), interpolation=cv2.INTER_AREA).reshape(-1)
+    assert x.shape == (len(rows), 64)
+    np.testing.assert_allclose(x, np.stack([want[int(r)] for r in rows]), atol=2e-5)
+    # streamed into the cache as .npy, read back (memory-mapped) by the next call
+    cached = list(tmp_path.glob("valid-*.npy"))
+    assert len(cached) == 1 and np.array_equal(np.load(cached[0]), x)
+    notes = []
+    again, _ = features.cached_features(enc, str(data), "valid", aug, cache_dir=tmp_path, note=notes.append,
+                                        mesh=_mesh(), batch_size=16, progress=False)
+    assert "from cache" in notes[0] and np.array_equal(again, x)
+
+
+@pytest.mark.slow
+def test_checkpoint_to_features_to_auc_beside_random_and_pixels(tmp_path, tiny_run, capsys):
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from cxrjax import linear_eval
     from cxrjax.eval import features
+    from cxrjax.train import contrastive
 
     data, run = tiny_run
     # the partial restore reads exactly the run's query encoder (vs a full restore of the `state` item)
     enc = features.restore_encoder(run)
-    assert enc.source["step"] == 4 and enc.source["width"] == 8
+    assert enc.source["step"] == 4 and enc.source["width"] == 8 and enc.kind == "resnet"
     full = ocp.StandardCheckpointer().restore(run / "checkpoints" / "4" / "state")
     for path, v in nnx.to_flat_state(enc.params):
         want = full["q_params"]
@@ -225,47 +386,102 @@ def test_checkpoint_to_features_to_auc(tmp_path, tiny_run):
     step2 = features.restore_encoder(f"{run}/2")
     assert step2.source["step"] == 2
     assert not np.array_equal(jax.tree.leaves(step2.params)[0], jax.tree.leaves(enc.params)[0])
+    # the `random` row: the run's own architecture with the run's initialisation (its step 0)
+    rand = features.random_like(enc, seed=0)
+    cfg = contrastive.default_config()
+    cfg.model.update(width=8, init="random")  # as the demo run (the paper's configs start from ImageNet)
+    start = nnx.state(contrastive.build_encoders(cfg, note=lambda s: None)[0], nnx.Param)
+    for a, b in zip(jax.tree.leaves(rand.params), jax.tree.leaves(start)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     out = tmp_path / "eval"
-    r = subprocess.run(_eval_cmd(out, data, f"--config.checkpoint={run}"), capture_output=True, text=True,
-                       env=_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = pd.read_csv(out / "results.csv")
-    assert res.fraction.tolist() == [0.1, 0.1, 1.0, 1.0] and (res.seeds == 2).all()
-    assert res.task.tolist() == ["No Finding", "Support Devices"] * 2
-    assert res.auc_mean.between(0, 1).all() and (res.ci_lo <= res.ci_hi).all()
-    assert res.model.tolist() == ["study-same_lat-any@4"] * 4
+    res = linear_eval.evaluate(eval_config(data, checkpoint=str(run)), str(out))
+    stdout = capsys.readouterr().out
+    name = "study-same_lat-any@4"
+    assert res.model.tolist() == [name, name, "random", "random", "pixels", "pixels"] * 2
+    assert res.fraction.tolist() == [0.1] * 6 + [1.0] * 6 and (res.seeds == 2).all()
+    assert res.task.tolist() == ["No Finding", "Support Devices"] * 6
     per_seed = pd.read_csv(out / "per_seed.csv")
-    assert len(per_seed) == 8 and set(per_seed.l2) <= {0.01, 1.0}
+    assert len(per_seed) == 24 and set(per_seed.l2) <= {0.01, 1.0}
+    assert (per_seed.probe_iterations < 300).all()  # every probe converged
+    # the three models saw the same label samples
+    assert per_seed.groupby(["fraction", "seed"]).train_images.nunique().eq(1).all()
     preds = pd.read_parquet(out / "predictions.parquet")
     table = pd.read_parquet(data / "table.parquet")
-    assert set(preds.row) == set(np.flatnonzero(table.split == "test"))
-    # AUCs recomputed from the saved predictions with scikit-learn
-    for (task, fraction, seed), g in preds.groupby(["task", "fraction", "seed"]):
-        ok = g.label.notna()
-        want = per_seed[(per_seed.task == task) & (per_seed.fraction == fraction) & (per_seed.seed == seed)].auc.item()
-        assert roc_auc_score(g.label[ok], g.score[ok]) == pytest.approx(want)
-    assert len(list(out.glob("roc-*.png"))) == 4
-    assert "| study-same_lat-any@4 | No Finding | 10% |" in r.stdout
-    # the same encoder again with other seeds: features come from the cache, not re-extracted
-    r2 = subprocess.run(_eval_cmd(out / "again", data, f"--config.checkpoint={run}", f"--config.feature_cache={out}/features",
-                                  "--config.seeds=(3,)"), capture_output=True, text=True, env=_env(), timeout=600)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stdout.count("from cache") == 3
+    test_rows = np.flatnonzero(table.split == "test")
+    assert set(preds.row) == set(test_rows)
+    # every number of the table recomputed from the saved predictions with scikit-learn and a bootstrap
+    # written out in this file
+    patients = table.patient_id.to_numpy()
+    for r in res.itertuples():
+        g = preds[(preds.model == r.model) & (preds.task == r.task) & (preds.fraction == r.fraction)]
+        wide = g.pivot(index="row", columns="seed", values="score").loc[test_rows]
+        y = g.drop_duplicates("row").set_index("row").label.loc[test_rows].to_numpy()
+        ok = np.isfinite(y)
+        aucs = [roc_auc_score(y[ok], wide[s].to_numpy()[ok]) for s in wide.columns]
+        assert r.auc_mean == pytest.approx(np.mean(aucs), abs=1e-12)
+        assert r.auc_sd == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
+        lo, hi, used = reference_bootstrap(y, wide.to_numpy().T, patients[test_rows], 50, 0)
+        assert (r.ci_lo, r.ci_hi, r.boot_used) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12), used)
+        col = table[r.task].to_numpy()
+        assert r.test_positives == int((col[test_rows] == 1).sum())
+        ps = per_seed[(per_seed.model == r.model) & (per_seed.task == r.task) & (per_seed.fraction == r.fraction)]
+        np.testing.assert_allclose(sorted(ps.auc), sorted(aucs), atol=1e-12)
+    assert len(list(out.glob("roc-*.png"))) == 12
+    assert f"| {name} | No Finding | 10% |" in stdout and "| pixels | Support Devices | 100% |" in stdout
     eval_json = json.loads((out / "eval.json").read_text())
     assert eval_json["encoder"]["checkpoint"] == str(run.resolve())
+    assert set(eval_json["models"]) == {name, "random", "pixels"}
+    # the same encoders again with another seed: every split of every model from the cache
+    linear_eval.evaluate(eval_config(data, checkpoint=str(run), seeds=(3,), feature_cache=str(out / "features")),
+                         str(out / "again"))
+    assert capsys.readouterr().out.count("from cache") == 9
+
+
+@pytest.mark.slow
+def test_external_label_splits_end_to_end(tmp_path, tiny_run, capsys):
+    """config.label_splits.files: the probe trains on exactly the images the files name; every unmatched row
+    is printed and listed in label_splits_unmatched.csv."""
+    from cxrjax import linear_eval
+
+    data, _ = tiny_run
+    table = pd.read_parquet(data / "table.parquet")
+    rng = np.random.default_rng(0)
+    pool = np.flatnonzero(table.split.isin(["train", "valid"]))
+    chosen = {}
+    for seed in (0, 1):
+        rows = np.sort(rng.choice(pool, 30, replace=False))
+        chosen[seed] = rows
+        ids = table.image_id.iloc[rows].tolist()
+        if seed == 1:
+            ids += ["no-such-image", table.image_id[table.split == "test"].iloc[0]]
+        pd.DataFrame({"image_id": ids}).to_csv(tmp_path / f"split_0.05-it{seed}.csv", index=False)
+    cfg = eval_config(data, init="pixels", baselines=(), fractions=(0.05,), seeds=(0, 1),
+                      label_splits={"files": str(tmp_path / "split_{fraction}-it{seed}.csv")})
+    linear_eval.evaluate(cfg, str(tmp_path / "eval"))
+    out = capsys.readouterr().out
+    per_seed = pd.read_csv(tmp_path / "eval" / "per_seed.csv")
+    assert per_seed.train_images.tolist() == [30, 30, 30, 30]
+    assert per_seed.label_split.tolist() == ["split_0.05-it0.csv"] * 2 + ["split_0.05-it1.csv"] * 2
+    for seed, rows in chosen.items():
+        got = per_seed[per_seed.seed == seed]
+        assert (got.train_patients == table.patient_id.iloc[rows].nunique()).all()
+        assert (got.train_positives.iloc[0] == int((table["No Finding"].iloc[rows] == 1).sum()))
+    bad = pd.read_csv(tmp_path / "eval" / "label_splits_unmatched.csv")
+    assert bad.line.tolist() == [32, 33] and bad.value.tolist()[0] == "no-such-image"
+    assert "split_0.05-it1.csv:32 no-such-image: no image of the table matches" in out
+    assert "split_0.05-it1.csv:33" in out and "test split 'test'" in out
 
 
 @pytest.mark.slow
 def test_finetune_trains_the_encoder_end_to_end(tiny_run):
-    import jax
     from flax import nnx
 
     from cxrjax.data import augment as augment_lib
     from cxrjax.eval import features
 
     data, run = tiny_run
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = _mesh()
     enc = features.restore_encoder(run, mesh)
     before = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(enc.params)}
     table = pd.read_parquet(data / "table.parquet")
@@ -284,21 +500,134 @@ def test_finetune_trains_the_encoder_end_to_end(tiny_run):
     x, r = features.extract_features(tuned, str(data), "test", aug, mesh=mesh, batch_size=8, progress=False)
     scores = x @ w + b
     assert scores.shape == (int((table.split == "test").sum()), 1) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="raw-pixel baseline has none"):
+        linear.finetune(features.pixels_encoder(8), str(data), rows, targets, mesh=mesh, augment=aug, epochs=1,
+                        lr=1e-3, batch_size=8)
+
+
+def damaged_copy(run: Path, dest: Path, step: int) -> Path:
+    """A copy of a run whose checkpoint `step` has every array file truncated to half (a storage fault)."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    files = [f for f in (dest / "checkpoints" / str(step) / "state").rglob("*") if f.is_file() and f.stat().st_size > 64
+             and f.name not in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding")]
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    return dest
 
 
 @pytest.mark.slow
-def test_config_errors_are_one_clear_line(tmp_path, tiny_run):
+def test_config_errors_and_a_damaged_checkpoint_are_one_clear_line(tmp_path, tiny_run):
+    from cxrjax import linear_eval
+    from cxrjax.data.pipeline import CorruptRecordError
+
     data, run = tiny_run
+    damaged = damaged_copy(run, tmp_path / "damaged", 4)
+    # the job's errors: each an exception main() turns into one line (checked on the command line below)
+    caught = (ValueError, FileNotFoundError, FloatingPointError, CorruptRecordError)
     cases = [
-        ([], "needs --config.checkpoint"),
-        ([f"--config.checkpoint={tmp_path}"], "not a cxrjax run"),
-        ([f"--config.checkpoint={run}/3"], "has no step 3"),
-        ([f"--config.checkpoint={run}", "--config.tasks=('Effusion',)"], "not a CheXpert label"),
-        (["--config.init=imagenet"], "ImageNet weights are never downloaded"),
-        ([f"--config.checkpoint={run}", "--config.data.test_split=holdout"], "no test split 'holdout'"),
+        (dict(checkpoint=str(tmp_path)), "not a cxrjax run"),
+        (dict(checkpoint=f"{run}/3"), "has no step 3"),
+        (dict(checkpoint=str(run), tasks=("Effusion",)), "not a CheXpert label"),
+        (dict(init="imagenet"), "ImageNet weights are never downloaded"),
+        (dict(checkpoint=str(run), data={"test_split": "holdout"}), "no test split 'holdout'"),
+        (dict(checkpoint=str(run), baselines=("chance",)), "known baselines"),
+        (dict(init="pixels", finetune={"enabled": True}), "no model to fine-tune"),
     ]
-    for extra, message in cases:
+    for updates, message in cases:
+        with pytest.raises(caught) as e:
+            linear_eval.evaluate(eval_config(data, **updates), str(tmp_path / "e"))
+        assert message in str(e.value), (updates, str(e.value))
+    cli = [
+        ([], "needs --config.checkpoint"),
+        ([f"--config.checkpoint={run}", "--config.label_splits.files=/nowhere/s_{fraction}-it{seed}.csv"],
+         "label split file(s) not found: /nowhere/s_0.1-it0.csv"),
+        ([f"--config.checkpoint={damaged}"], f"{damaged.resolve()}/checkpoints/4 cannot be read"),
+    ]
+    for extra, message in cli:
         r = subprocess.run(_eval_cmd(tmp_path / "e", data, *extra), capture_output=True, text=True, env=_env(), timeout=300)
         assert r.returncode != 0
         assert message in r.stderr, (extra, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr[-2000:])
+    assert f"try an earlier step, e.g. {damaged.resolve()}/2" in r.stderr
+    # the earlier intact step of the same run still evaluates
+    from cxrjax.eval import features
+
+    assert features.restore_encoder(f"{damaged}/2").source["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- ViT (masked vision-language)
+
+
+@pytest.fixture(scope="module")
+def tiny_vl_run(tiny_run, tmp_path_factory):
+    """A 2-step masked vision-language run (ViT-micro, 32 px, patch 8) on the same tiny phantom."""
+    import importlib.util
+
+    import jax
+
+    from cxrjax.train import mvlm
+
+    data, _ = tiny_run
+    spec = importlib.util.spec_from_file_location("mvlm_paired", REPO / "configs" / "mvlm_paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("demo")
+    c.data.dir = str(data)
+    c.data.paired_fraction = 1.0
+    c.augment.size = 32
+    c.model.update(size="micro", patch=8, proj_dim=16)
+    c.mask.scales = (1, 2)
+    c.text.update(vocab_size=300, max_len=24)
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 2, 1, 2
+    jax.config.update("jax_threefry_partitionable", True)
+    work = tmp_path_factory.mktemp("vl") / "run"
+    mvlm.train_and_evaluate(c, str(work))
+    return data, work
+
+
+@pytest.mark.slow
+def test_vit_checkpoint_through_linear_eval(tmp_path, tiny_vl_run, capsys):
+    """A masked vision-language run's ViT goes through the same protocol; its features equal the image
+    embedding of the model the MVLM job's own loader restores (`train.mvlm.load_run`)."""
+    import jax
+
+    from cxrjax import linear_eval
+    from cxrjax.data import augment as augment_lib
+    from cxrjax.data import pipeline
+    from cxrjax.eval import features
+    from cxrjax.train import mvlm as mvlm_train
+
+    data, work = tiny_vl_run
+    enc = features.restore_encoder(work, _mesh())
+    assert enc.kind == "vit" and enc.source["step"] == 2 and enc.source["image_size"] == 32
+    aug = augment_lib.AugmentConfig(size=32)
+    x, rows = features.extract_features(enc, str(data), "test", aug, mesh=_mesh(), batch_size=16, progress=False)
+    _, _, _, model, step = mvlm_train.load_run(str(work))
+    assert step == 2
+    prepared = pipeline.load_prepared(data, "test", None)
+    reader = pipeline.RecordReader(data, prepared.name, "test")
+    imgs = np.stack([augment_lib.eval_transform(reader.image(k), aug) for k in range(prepared.n)])[..., None]
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    want = np.asarray(jax.jit(lambda s, i: nnx.merge(graphdef, s).embed_image(i))(state, imgs))  # uint8: it normalises
+    order = np.argsort(prepared.split_rows)
+    assert x.shape == (prepared.n, enc.feature_dim)
+    np.testing.assert_allclose(x, want[order], rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(ValueError, match="takes 32 px images"):
+        linear_eval.evaluate(eval_config(data, checkpoint=str(work), augment={"size": 48, "eval_crop": 1.0}),
+                             str(tmp_path / "e0"))
+    res = linear_eval.evaluate(eval_config(data, checkpoint=str(work), augment={"size": 0, "eval_crop": 1.0}),
+                               str(tmp_path / "e"))
+    assert res.model.tolist() == ["mvlm-paired@2", "mvlm-paired@2", "random", "random", "pixels", "pixels"] * 2
+    assert (res.seeds == 2).all() and (res["size"] == 32).all()
+    # the `random` row is the same ViT architecture, randomly initialised
+    rand = features.random_like(enc, seed=0)
+    assert rand.kind == "vit" and rand.feature_dim == enc.feature_dim
+    assert "| mvlm-paired@2 | No Finding | 10% |" in capsys.readouterr().out
