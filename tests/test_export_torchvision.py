@@ -3,6 +3,7 @@ torchvision (`torchvision.models.resnet18` + strict `load_state_dict`), gives cx
 embeddings (grey 1-channel and 3-channel models); the key encoder and WORKDIR/STEP; one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,9 @@ def test_three_channel_export_with_head_matches_cxrjax(tmp_path, run, cxrjax_out
     assert etv.main([f"--checkpoint={workdir}", f"--out={out}", "--head"]) == 0
     printed = capsys.readouterr().out
     assert "step 5" in printed and "torchvision.models.resnet18()" in printed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path(out).stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
     info = json.loads(Path(out + ".json").read_text())
     assert info["step"] == 5 and info["encoder"] == "query" and info["in_channels"] == 3 and info["head"]
     assert info["input"]["mean"] == augment_lib.CXR_MEAN and info["input"]["std"] == augment_lib.CXR_STD

@@ -79,6 +79,7 @@ def save_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: Mapping[s
             save_file(arrays, tmp, metadata=dict(metadata or {}))
         else:
             torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)  # v: a writable copy
+        _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -93,6 +94,7 @@ def save_flat(path: str, flat: Mapping[str, np.ndarray]) -> None:
         from safetensors.numpy import save_file
 
         save_file(arrays, path)
+        _default_mode(path)
     elif path.endswith(".npz"):
         np.savez(path, **arrays)
     else:
@@ -108,6 +110,13 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     raise ValueError(f"weights must be .safetensors or .npz, got {path!r}")
+
+
+def _default_mode(path: str) -> None:
+    """Permissions as for any new file (safetensors writes its files 0600: weights are meant to be shared)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _import_torch(what: str):
