@@ -267,3 +267,48 @@ def test_two_processes_stop_after_the_same_step_when_one_gets_sigterm():
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
     steps = [int(re.fullmatch(r"stopped after (\d+)", out.strip()).group(1)) for out, _ in outs]
     assert steps[0] == steps[1] >= 10, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The masked vision-language job: the same damaged-checkpoint handling (train/mvlm.py)
+
+
+def _tiny_mvlm_config(data_dir):
+    from cxrjax.train import mvlm
+
+    c = mvlm.apply_variants(mvlm.default_config(), "demo")
+    c.data.dir = data_dir
+    c.augment.size = 32
+    c.model.update(size="micro", patch=8, proj_dim=16)
+    c.mask.scales = (1, 2)
+    c.text.update(vocab_size=300, max_len=24)
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 4, 1, 2
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("restore_latest" not in (REPO / "cxrjax" / "train" / "mvlm.py").read_text(),
+                    reason="train/mvlm.py does not use Checkpointer.restore_latest yet")
+def test_mvlm_resumes_past_a_damaged_newest_checkpoint(tmp_path_factory, capsys):
+    import jax
+
+    from cxrjax import prepare
+    from cxrjax.train import mvlm
+
+    jax.config.update("jax_threefry_partitionable", True)
+    data = tmp_path_factory.mktemp("mvlm_phantom")
+    prepare.prepare_dataset("phantom", data, patients=40, size=32, workers=1, strategies=[])
+    work = tmp_path_factory.mktemp("mvlm") / "run"
+    mvlm.train_and_evaluate(_tiny_mvlm_config(str(data)), str(work))
+    first = _losses(work)
+    assert sorted(first) == [1, 2, 3, 4] and _finalized(work)[-2:] == [2, 4]
+    for f in (work / "checkpoints" / "4").glob("state/**/d/*"):
+        os.truncate(f, 0)
+    capsys.readouterr()
+
+    mvlm.train_and_evaluate(_tiny_mvlm_config(str(data)), str(work))
+    out = capsys.readouterr().out
+    assert _resumed_from(out) == [2], out[-3000:]
+    assert re.search(r"^checkpoint step 4 is damaged \(OUT_OF_RANGE.*\); moved it to \S+/4\.damaged-\S+; resuming "
+                     r"from step 2$", out, flags=re.M), out[-3000:]
+    assert _losses(work) == first  # steps 3 and 4 redone exactly

@@ -26,7 +26,10 @@ stays a CheckpointError and nothing is moved.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
 import re
 import time
@@ -114,13 +117,14 @@ class Checkpointer:
         Raises DamagedCheckpointError if the step's files cannot be read, CheckpointError if they
         do not fit this config."""
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=pipeline.checkpoint_args(data_iterator, restore=True),
-                ),
-            )
+            with _quiet_failed_reads():
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=pipeline.checkpoint_args(data_iterator, restore=True),
+                    ),
+                )
         except Exception as e:
             reason = damage_reason(e, self.directory / str(step))
             if reason is not None:
@@ -185,6 +189,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """When one array of a checkpoint cannot be read, Orbax's other read tasks fail too and asyncio
+    logs each of them ("Task exception was never retrieved", hundreds of lines of TensorStore specs)
+    when they are garbage-collected. The first error is the one that matters and is raised; collect
+    the rest here, with asyncio's logger silenced."""
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    except BaseException:
+        gc.collect()
+        raise
+    finally:
+        log.setLevel(level)
 
 
 # TensorStore status codes of a read that found missing, short or undecodable data.
