@@ -132,3 +132,60 @@ def test_auto_placement_is_the_host_on_cpu():
     assert A.resolve_where("device") == "device" and A.resolve_where("host") == "host"
     with pytest.raises(ValueError, match="where must be one of"):
         A.AugmentConfig(where="gpu")
+
+
+# ------------------------------------------------------------------ MedAug's geometry
+def _smooth(h, w):
+    """A smooth test radiograph (low frequencies only: resampling differences stay small)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = 120 + 60 * np.sin(5 * x + 2 * y) + 50 * np.cos(7 * y) * x + 40 * (x > 0.5)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _torchvision_chain(img, size, flip, angle, ux, uy):
+    """torchvision's MedAug transform on a PIL image, step by step (what its functional ops do on PIL):
+    Resize(size) of the shorter side -> hflip -> rotate(angle) about the centre -> crop at the offset.
+    Bilinear everywhere (torchvision's RandomRotation defaults to nearest; the distribution is the same)."""
+    from PIL import Image
+
+    h, w = img.shape
+    scale = size / min(h, w)
+    nw, nh = round(w * scale), round(h * scale)
+    im = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR)
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im = im.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+    ox, oy = ux * (nw - size), uy * (nh - size)
+    return np.asarray(im.transform((size, size), Image.Transform.AFFINE, (1, 0, ox, 0, 1, oy),
+                                   resample=Image.Resampling.BILINEAR)).astype(float)
+
+
+@pytest.mark.parametrize("shape", [(150, 120), (120, 160)])
+@pytest.mark.parametrize("flip, angle, ux, uy", [(False, 0.0, 0.0, 0.0), (True, 0.0, 1.0, 1.0),
+                                                   (False, 8.0, 0.3, 0.9), (True, -10.0, 0.7, 0.2)])
+def test_shorter_side_crop_is_medaugs_torchvision_chain(shape, flip, angle, ux, uy):
+    img = _smooth(*shape)
+    size = 60
+    cx, cy, side = A.shorter_side_crop(size, 0.0, 0.0, float(shape[0]), float(shape[1]), ux, uy, angle, flip)
+    ours = A.apply(img, _params((cx, cy, side, side), angle=angle, flip=flip), size).astype(float)
+    # cxrjax's parameters read "rotate by angle, then flip"; torchvision's chain flips, then rotates: the
+    # same view with the angle's sign turned when flipped (one-to-one, and +-angle are equally likely)
+    ref = _torchvision_chain(img, size, flip, -angle if flip else angle, ux, uy)
+    inner = (slice(4, -4), slice(4, -4))  # the rotation's black corners are resampled differently at their edge
+    assert np.abs(ours - ref)[inner].mean() < 2.0, np.abs(ours - ref)[inner].mean()
+
+
+def test_shorter_side_crop_uses_the_content_box_and_eval_centre_crop():
+    """A padded record (content box inside bars) gives the views of the unpadded image."""
+    img = _smooth(150, 120)
+    padded = np.zeros((160, 160), np.uint8)
+    padded[5:155, 20:140] = img
+    cfg = A.AugmentConfig(size=60, geometry="shorter_side_crop", rotation=10.0, hflip_prob=0.5)
+    for row in range(5):
+        a = A.augment(img, cfg, A.example_rng(0, 0, row, 0))
+        b = A.augment(padded, cfg, A.example_rng(0, 0, row, 0), box=(5, 20, 150, 120))
+        assert np.array_equal(a, b)
+    # eval: Resize(60) of the shorter side -> CenterCrop(60): rows 15..135 of the 150 x 120 image
+    ev = A.eval_transform(padded, cfg, box=(5, 20, 150, 120)).astype(float)
+    ref = _torchvision_chain(img, 60, False, 0.0, 0.5, 0.5)
+    assert np.abs(ev - ref).mean() < 1.5

@@ -161,3 +161,21 @@ def test_uint16_eval_and_contrastive_views():
     host_batch = {"query": batch["query"][:, :48, :48], "key": batch["key"][:, :48, :48]}  # host-augmented: only normalised
     q2, _, none = D.contrastive_views(host_batch, CFG)
     assert none is None and np.allclose(np.asarray(q2), A.normalize(host_batch["query"]))
+
+
+def test_shorter_side_crop_distributions_match_the_host():
+    """MedAug's geometry draws the same distribution of crops on both paths (portrait 256 x 200)."""
+    cfg = A.AugmentConfig(size=64, geometry="shorter_side_crop", rotation=10.0, hflip_prob=0.5)
+    n = 3000
+    dev = {k: np.asarray(v) for k, v in D.batch_params(jnp.asarray(_seeds(range(n), seed=3)), cfg, 256, 200).items()}
+    host = [A.sample_params(cfg, A.example_rng(3, 0, i, 0), 256, 200) for i in range(n)]
+    np.testing.assert_allclose(dev["cw"], 200.0, rtol=1e-6)  # shorter side -> size: the crop is 200 px square
+    for name, h in (("cx", [p.crop[0] for p in host]), ("cy", [p.crop[1] for p in host]),
+                    ("angle", [p.angle for p in host])):
+        h = np.asarray(h)
+        # same mean and spread (3000 draws: the standard errors are ~2 % of the spread)
+        assert abs(dev[name].mean() - h.mean()) < 0.08 * h.std() + 1e-6, name
+        assert abs(dev[name].std() - h.std()) < 0.08 * h.std() + 1e-6, name
+    # the window slides over the 56 px of slack along the longer (vertical) side
+    unrotated = np.abs(dev["angle"]) < 0.5
+    assert dev["cy"][unrotated].min() < 100 + 4 and dev["cy"][unrotated].max() > 156 - 4

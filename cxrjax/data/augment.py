@@ -50,12 +50,13 @@ from cxrjax.data import pairs
 
 cv2.setNumThreads(1)  # one image per call; the pipeline's threads/processes parallelise over images
 
-# MedAug's normalisation (their code, on [0, 1] intensities).
+# MedAug's normalisation (their aihc_utils/image_transform.py, on [0, 1] intensities).
 CXR_MEAN = 0.5020
-CXR_STD = 0.0856
+CXR_STD = 0.085585
 
 _MAX_CROP_TRIES = 10  # torchvision's RandomResizedCrop: 10 tries, then the whole image
 WHERE = ("host", "device", "auto")
+GEOMETRIES = ("shorter_side_crop", "resized_crop")
 _STREAM_AUGMENT = 0x5A17_0004  # the pair sampler uses streams ..01 and ..02 of the same hash
 
 
@@ -73,6 +74,14 @@ class AugmentConfig:
     """Training augmentation (per view) and the eval transform.
 
     size: output side in pixels (square).
+    geometry: how a view is cut from the image (the image's content box, see `content_box`):
+        "shorter_side_crop" (MedAug / torchvision Resize(size) -> RandomHorizontalFlip ->
+            RandomRotation(rotation) -> RandomCrop(size)): the shorter side is scaled to `size`, the
+            image flipped and rotated about its centre, and a size x size window taken at a uniformly
+            random offset along the longer side; crop_scale / crop_ratio are not used;
+        "resized_crop" (torchvision RandomResizedCrop(size, crop_scale, crop_ratio), then the rotation
+            about the crop's centre and the flip): with crop_scale = crop_ratio = (1, 1) the whole
+            image, squeezed to a square (cxrjax's former default on padded square records).
     crop_scale: (min, max) area of the crop as a fraction of the source image (torchvision
         RandomResizedCrop semantics); (1, 1) with crop_ratio (1, 1) disables cropping.
     crop_ratio: (min, max) aspect ratio w/h of the crop, drawn log-uniformly.
@@ -92,6 +101,7 @@ class AugmentConfig:
     """
 
     size: int = 224
+    geometry: str = "resized_crop"
     crop_scale: tuple[float, float] = (0.95, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     rotation: float = 10.0
@@ -119,6 +129,7 @@ class AugmentConfig:
         check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
         check(0 < self.eval_crop <= 1, f"eval_crop must be in (0, 1], got {self.eval_crop}")
         check(self.where in WHERE, f"where must be one of {WHERE}, got {self.where!r}")
+        check(self.geometry in GEOMETRIES, f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
 
     @classmethod
     def from_dict(cls, d) -> "AugmentConfig":
@@ -171,8 +182,17 @@ def view_seed(seed: int, epoch: int, row: int, slot: int) -> np.ndarray:
     return np.array([h >> 32, h & 0xFFFFFFFF], np.uint32)
 
 
-def sample_params(cfg: AugmentConfig, rng: np.random.Generator, height: int, width: int) -> Params:
-    """Draw one view's parameters for a height x width source image.
+def content_box(height: int, width: int, box=None) -> tuple[float, float, float, float]:
+    """(top, left, height, width) of the image content inside a (height, width) record: `box` when the
+    record stores one (padded records: the image without its bars), else the whole record."""
+    if box is None:
+        return 0.0, 0.0, float(height), float(width)
+    top, left, h, w = (float(v) for v in box)
+    return top, left, h, w
+
+
+def sample_params(cfg: AugmentConfig, rng: np.random.Generator, height: int, width: int, box=None) -> Params:
+    """Draw one view's parameters for a height x width source image (content `box`, default all of it).
 
     A fixed number of draws is taken whatever the outcome (10 crop candidates of 4 numbers each, then
     one each for angle, flip, jitter, brightness, contrast, unused, blur coin, sigma), so the stream
@@ -181,27 +201,50 @@ def sample_params(cfg: AugmentConfig, rng: np.random.Generator, height: int, wid
     """
     n = _MAX_CROP_TRIES
     u = rng.random(4 * n + 8).tolist()
-    lo, hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
-    area = height * width
-    cw, ch, cx, cy = float(width), float(height), width / 2, height / 2  # no candidate fits: the whole image
-    for i in range(n):  # torchvision's RandomResizedCrop: the first candidate that fits
-        scale = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * u[i]
-        ratio = math.exp(lo + (hi - lo) * u[n + i])
-        w, h = math.sqrt(area * scale * ratio), math.sqrt(area * scale / ratio)
-        if w <= width and h <= height:
-            cw, ch = w, h
-            cx = cw / 2 + u[2 * n + 2 * i] * (width - cw)
-            cy = ch / 2 + u[2 * n + 2 * i + 1] * (height - ch)
-            break
+    top, left, bh, bw = content_box(height, width, box)
+    angle = (2 * u[4 * n] - 1) * cfg.rotation
+    flip = u[4 * n + 1] < cfg.hflip_prob
+    if cfg.geometry == "shorter_side_crop":
+        cx, cy, side = shorter_side_crop(cfg.size, top, left, bh, bw, u[2 * n], u[2 * n + 1], angle, flip)
+        cw = ch = side
+    else:
+        lo, hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+        area = bh * bw
+        cw, ch, cx, cy = bw, bh, left + bw / 2, top + bh / 2  # no candidate fits: the whole image
+        for i in range(n):  # torchvision's RandomResizedCrop: the first candidate that fits
+            scale = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * u[i]
+            ratio = math.exp(lo + (hi - lo) * u[n + i])
+            w, h = math.sqrt(area * scale * ratio), math.sqrt(area * scale / ratio)
+            if w <= bw and h <= bh:
+                cw, ch = w, h
+                cx = left + cw / 2 + u[2 * n + 2 * i] * (bw - cw)
+                cy = top + ch / 2 + u[2 * n + 2 * i + 1] * (bh - ch)
+                break
     u = u[4 * n:]
-    angle = (2 * u[0] - 1) * cfg.rotation
-    flip = u[1] < cfg.hflip_prob
     jitter = u[2] < cfg.jitter_prob
     b = 1 + (2 * u[3] - 1) * cfg.brightness if jitter else 1.0
     c = 1 + (2 * u[4] - 1) * cfg.contrast if jitter else 1.0
     sigma = cfg.blur_sigma[0] + u[7] * (cfg.blur_sigma[1] - cfg.blur_sigma[0]) if u[6] < cfg.blur_prob else 0.0
     return Params((float(cx), float(cy), float(cw), float(ch)), float(angle), bool(flip), float(b), float(c),
                   float(sigma))
+
+
+def shorter_side_crop(size, top, left, bh, bw, ux, uy, angle, flip, xp=np):
+    """MedAug's Resize(size) -> flip -> rotate about the centre -> RandomCrop(size), as the crop centre
+    (source pixels) and side that `affine_coefficients` maps to the output. `xp` is numpy here and
+    jax.numpy in `device_augment` (the same arithmetic on both paths).
+
+    With r = min(bh, bw) / size source pixels per output pixel, the crop's offset d from the image
+    centre (resized pixels) is uniform (ux, uy in [0, 1)) over the longer side's slack; flipping and
+    rotating the image about its centre before cropping moves that window's centre to
+    centre + R(angle) F r d (F: the flip), and the window itself turns with the image."""
+    r = xp.minimum(bh, bw) / size
+    dx = (ux - 0.5) * (bw / r - size) * r  # offset of the crop centre from the image centre, source px
+    dy = (uy - 0.5) * (bh / r - size) * r
+    dx = xp.where(flip, -dx, dx)
+    t = xp.deg2rad(angle)
+    cos, sin = xp.cos(t), xp.sin(t)
+    return left + bw / 2 + cos * dx - sin * dy, top + bh / 2 + sin * dx + cos * dy, r * size
 
 
 def affine_coefficients(params: Params, size: int) -> tuple[float, ...]:
@@ -267,22 +310,24 @@ def apply(image: np.ndarray, params: Params, size: int) -> np.ndarray:
     return out
 
 
-def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, box=None) -> np.ndarray:
     """One random training view of `image` -> (cfg.size, cfg.size), same dtype."""
     h, w = np.shape(image)[:2]
-    return apply(image, sample_params(cfg, rng, h, w), cfg.size)
+    return apply(image, sample_params(cfg, rng, h, w, box), cfg.size)
 
 
-def eval_params(cfg: AugmentConfig, height: int, width: int) -> Params:
-    """The eval transform as parameters: the central `eval_crop` square of the shorter side."""
-    side = min(height, width) * cfg.eval_crop
-    return Params((width / 2, height / 2, side, side), 0.0, False, 1.0, 1.0, 0.0)
+def eval_params(cfg: AugmentConfig, height: int, width: int, box=None) -> Params:
+    """The eval transform as parameters: the central `eval_crop` square of the content's shorter side
+    (MedAug: Resize(size) of the shorter side -> CenterCrop(size))."""
+    top, left, bh, bw = content_box(height, width, box)
+    side = min(bh, bw) * cfg.eval_crop
+    return Params((left + bw / 2, top + bh / 2, side, side), 0.0, False, 1.0, 1.0, 0.0)
 
 
-def eval_transform(image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+def eval_transform(image: np.ndarray, cfg: AugmentConfig, box=None) -> np.ndarray:
     """Resize + centre crop (deterministic) -> (cfg.size, cfg.size), same dtype."""
     h, w = np.shape(image)[:2]
-    return apply(image, eval_params(cfg, h, w), cfg.size)
+    return apply(image, eval_params(cfg, h, w, box), cfg.size)
 
 
 def normalize(x, mean: float = CXR_MEAN, std: float = CXR_STD, max_value: float = 255.0):

@@ -40,30 +40,40 @@ def keys_from_seeds(seeds: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(jnp.asarray(seeds, jnp.uint32), impl="threefry2x32")
 
 
-def sample_params(key: jax.Array, cfg: augment_lib.AugmentConfig, height: int, width: int) -> dict:
-    """One view's parameters (scalars, PARAM_NAMES) for a height x width source, like `augment.sample_params`."""
+def sample_params(key: jax.Array, cfg: augment_lib.AugmentConfig, height: int, width: int, box=None) -> dict:
+    """One view's parameters (scalars, PARAM_NAMES) for a height x width source whose content is `box`
+    ((4,) top, left, height, width; default the whole image), like `augment.sample_params`."""
     k_scale, k_ratio, k_pos, k_u, k_v = jax.random.split(key, 5)
     tries = augment_lib._MAX_CROP_TRIES
-    area = float(height * width)
-    scale = jax.random.uniform(k_scale, (tries,), minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
-    log_ratio = jax.random.uniform(k_ratio, (tries,), minval=math.log(cfg.crop_ratio[0]),
-                                   maxval=math.log(cfg.crop_ratio[1]))
+    if box is None:
+        top, left, bh, bw = 0.0, 0.0, float(height), float(width)
+    else:
+        top, left, bh, bw = (jnp.asarray(box, jnp.float32)[i] for i in range(4))
     pos = jax.random.uniform(k_pos, (tries, 2))
-    w = jnp.sqrt(area * scale * jnp.exp(log_ratio))
-    h = jnp.sqrt(area * scale / jnp.exp(log_ratio))
-    fits = (w <= width) & (h <= height)
-    i, found = jnp.argmax(fits), fits.any()
-    cw = jnp.where(found, w[i], float(width))
-    ch = jnp.where(found, h[i], float(height))
-    cx = jnp.where(found, cw / 2 + pos[i, 0] * (width - cw), width / 2)
-    cy = jnp.where(found, ch / 2 + pos[i, 1] * (height - ch), height / 2)
     u = jax.random.uniform(k_u, (5,))
+    angle = (2 * u[0] - 1) * cfg.rotation
+    flip = u[1] < cfg.hflip_prob
+    if cfg.geometry == "shorter_side_crop":
+        cx, cy, side = augment_lib.shorter_side_crop(cfg.size, top, left, bh, bw, pos[0, 0], pos[0, 1], angle,
+                                                     flip, xp=jnp)
+        cw = ch = side
+    else:
+        area = bh * bw
+        scale = jax.random.uniform(k_scale, (tries,), minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
+        log_ratio = jax.random.uniform(k_ratio, (tries,), minval=math.log(cfg.crop_ratio[0]),
+                                       maxval=math.log(cfg.crop_ratio[1]))
+        w = jnp.sqrt(area * scale * jnp.exp(log_ratio))
+        h = jnp.sqrt(area * scale / jnp.exp(log_ratio))
+        fits = (w <= bw) & (h <= bh)
+        i, found = jnp.argmax(fits), fits.any()
+        cw = jnp.where(found, w[i], bw)
+        ch = jnp.where(found, h[i], bh)
+        cx = left + jnp.where(found, cw / 2 + pos[i, 0] * (bw - cw), bw / 2)
+        cy = top + jnp.where(found, ch / 2 + pos[i, 1] * (bh - ch), bh / 2)
     jitter = u[2] < cfg.jitter_prob
     v = jax.random.uniform(k_v, (2,))
     return {
-        "cx": cx, "cy": cy, "cw": cw, "ch": ch,
-        "angle": (2 * u[0] - 1) * cfg.rotation,
-        "flip": u[1] < cfg.hflip_prob,
+        "cx": cx, "cy": cy, "cw": cw, "ch": ch, "angle": angle, "flip": flip,
         "brightness": jnp.where(jitter, 1 + (2 * u[3] - 1) * cfg.brightness, 1.0),
         "contrast": jnp.where(jitter, 1 + (2 * u[4] - 1) * cfg.contrast, 1.0),
         "blur_sigma": jnp.where(v[0] < cfg.blur_prob, cfg.blur_sigma[0] + v[1] * (cfg.blur_sigma[1] - cfg.blur_sigma[0]), 0.0),
@@ -173,16 +183,21 @@ def _as_2d(images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def augment_batch(images: jax.Array, seeds: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
+def augment_batch(images: jax.Array, seeds: jax.Array, cfg: augment_lib.AugmentConfig, boxes=None) -> jax.Array:
     """Random training views: (B, H, W[, 1]) uint8/uint16 + (B, 2) uint32 seeds -> (B, S, S, 1) float32, normalised.
 
-    `seeds[i]` = `augment.view_seed(seed, epoch, row, slot)` of view i; S = cfg.size.
+    `seeds[i]` = `augment.view_seed(seed, epoch, row, slot)` of view i; S = cfg.size. `boxes` (B, 4):
+    each image's content box (top, left, height, width), default the whole image.
     """
     images = _as_2d(images)
     max_value = _max_value(images.dtype)
     height, width = images.shape[1:]
 
-    p = jax.vmap(lambda key: sample_params(key, cfg, height, width))(keys_from_seeds(seeds))
+    keys = keys_from_seeds(seeds)
+    if boxes is None:
+        p = jax.vmap(lambda key: sample_params(key, cfg, height, width))(keys)
+    else:
+        p = jax.vmap(lambda key, box: sample_params(key, cfg, height, width, box))(keys, boxes)
     x = warp_batch(images, jax.vmap(lambda q: affine_coefficients(q, cfg.size))(p), cfg.size)
     if cfg.brightness or cfg.contrast:  # static: switched-off parts cost nothing
         x = jax.vmap(lambda im, b, c: jitter(im, b, c, max_value))(x, p["brightness"], p["contrast"])
@@ -210,23 +225,31 @@ def eval_batch(images: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
     return augment_lib.normalize(x, max_value=max_value)[..., None]
 
 
+def to_views(images: jax.Array, seeds: jax.Array | None, cfg: augment_lib.AugmentConfig, dtype=jnp.float32):
+    """Pipeline images -> normalised float views (n, S, S, 1), inside the jitted train step.
+
+    ``seeds`` (n, 2) present (batches made with ``where="device"``): `augment_batch` draws and applies
+    the augmentation here. ``seeds`` None (host-augmented batches): the views are finished, only
+    normalised -- by the pixels' own range (uint8: 255, uint16: 65535), so 16-bit records give the
+    same views as 8-bit ones.
+    """
+    if seeds is None:
+        return augment_lib.normalize(images, max_value=_max_value(images.dtype)).astype(dtype)
+    lead = images.shape[:-3] if images.ndim == seeds.ndim + 2 else images.shape[:-2]
+    flat = images.reshape((-1,) + images.shape[len(lead):])
+    out = augment_batch(flat, seeds.reshape(-1, 2), cfg)
+    return out.reshape(lead + out.shape[1:]).astype(dtype)
+
+
 def contrastive_views(batch: dict, cfg: augment_lib.AugmentConfig, dtype=jnp.float32):
     """(query, key, hard negatives or None) as normalised float views, from a pipeline batch.
 
     Batches made with `where="device"` carry `query_seed` / `key_seed` (/ `hard_negative_seeds`) and
     are augmented here; host-augmented batches are only normalised. Call inside the jitted train step.
     """
-    def views(images, seeds):
-        if seeds is None:
-            return augment_lib.normalize(images).astype(dtype)
-        lead = images.shape[:-3] if images.ndim == seeds.ndim + 2 else images.shape[:-2]
-        flat = images.reshape((-1,) + images.shape[len(lead):])
-        out = augment_batch(flat, seeds.reshape(-1, 2), cfg)
-        return out.reshape(lead + out.shape[1:]).astype(dtype)
-
-    x_q = views(batch["query"], batch.get("query_seed"))
-    x_k = views(batch["key"], batch.get("key_seed"))
+    x_q = to_views(batch["query"], batch.get("query_seed"), cfg, dtype)
+    x_k = to_views(batch["key"], batch.get("key_seed"), cfg, dtype)
     hard = None
     if "hard_negatives" in batch:
-        hard = views(batch["hard_negatives"], batch.get("hard_negative_seeds"))
+        hard = to_views(batch["hard_negatives"], batch.get("hard_negative_seeds"), cfg, dtype)
     return x_q, x_k, hard

@@ -59,6 +59,8 @@ __all__ = [
     "save_pair_index",
     "load_pair_index",
     "group_size_stats",
+    "with_self",
+    "check_hard_negatives_compatible",
     "sample_positive",
     "positive_of",
     "sample_hard_negatives",
@@ -312,6 +314,61 @@ def build_hard_negative_index(table: pd.DataFrame, kind: str, *, max_pairs_per_c
     return _build(table, spec, False, "hard_negative", max_pairs_per_chunk)
 
 
+def with_self(index: PairIndex, include: bool) -> PairIndex:
+    """The same groups under the other self rule, without rebuilding from the table.
+
+    include=True: MedAug's eq. 2 -- every row's group also holds the row itself, so the query is drawn
+    as its own partner with probability 1 / |group| (a fallback row's group stays [self]).
+    include=False: cxrjax's rule -- the row is removed from its group unless nothing else is left.
+    Vectorised over the CSR arrays (O(members)); members stay ascending within a group.
+    """
+    if index.role != "positive":
+        raise ValueError("with_self applies to positive pair groups, not to hard negatives")
+    if bool(index.include_self) == bool(include):
+        return index
+    n = index.n
+    q = np.repeat(np.arange(n, dtype=np.int64), index.sizes)
+    members = index.members.astype(np.int64)
+    if include:
+        add = ~index.fallback  # fallback rows already hold exactly [self]
+        q = np.concatenate([q, np.flatnonzero(add)])
+        members = np.concatenate([members, np.flatnonzero(add)])
+    else:
+        keep = (members != q) | index.fallback[q]
+        q, members = q[keep], members[keep]
+    order = np.lexsort((members, q))
+    q, members = q[order], members[order]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(q, minlength=n), out=offsets[1:])
+    return PairIndex(offsets, members.astype(np.int32), index.fallback.copy(), index.strategy, bool(include), index.role)
+
+
+def check_hard_negatives_compatible(strategy: str | Strategy, hard_negatives: str | None) -> None:
+    """Refuse metadata hard negatives that the positive strategy may also draw as positives.
+
+    E.g. 'patient-other-study' hard negatives (same patient, another study) with positives from any
+    or different studies: one image would be pulled towards the query and pushed away from it.
+    The message names both settings (config.data.strategy / config.data.hard_negatives)."""
+    if not hard_negatives:
+        return
+    strategy = get_strategy(strategy)
+    try:
+        hard = HARD_NEGATIVES[hard_negatives]
+    except KeyError:
+        raise ValueError(f"unknown hard-negative kind {hard_negatives!r}; valid: {sorted(HARD_NEGATIVES)}") from None
+    if strategy.instance:
+        return
+
+    def allowed(match):
+        return {"same": {"same"}, "different": {"different"}, "any": {"same", "different"}}[match]
+
+    if allowed(strategy.study) & allowed(hard.study) and allowed(strategy.laterality) & allowed(hard.laterality):
+        raise ValueError(
+            f"config.data.hard_negatives={hard_negatives!r} (same patient, study {hard.study}, laterality "
+            f"{hard.laterality}) conflicts with config.data.strategy={strategy.name!r}, which draws positives from "
+            f"those same images; use a same-study strategy with 'patient-other-study', or drop the hard negatives")
+
+
 # ----------------------------------------------------------------------------------------------
 # Persistence
 
@@ -396,10 +453,16 @@ def load_pair_index(path: str | os.PathLike, n_rows: int | None = None) -> PairI
 
 
 def group_size_stats(index: PairIndex) -> dict:
-    """Summary for the run manifest. Group sizes exclude fallback rows (whose group is [self])."""
+    """Summary for the run manifest. Group sizes exclude fallback rows (whose group is [self]).
+
+    self_pair_rate_*: the share of draws that pair an image with itself (two augmentations of one
+    image) under each rule, averaged over images: cxrjax's exclude-self rule self-pairs only the
+    fallback rows; MedAug's eq. 2 (include self) draws the query itself with probability 1 / |group|."""
     sizes = index.sizes[~index.fallback]
     n_fb = int(index.fallback.sum())
     n = index.n
+    other = index.sizes - (1 if index.include_self else 0)  # candidates other than the image itself
+    other = np.where(index.fallback, 0, other)
 
     def stat(f):
         return float(f(sizes)) if len(sizes) else 0.0
@@ -411,6 +474,8 @@ def group_size_stats(index: PairIndex) -> dict:
         "n_images": int(n),
         "n_fallback": n_fb,
         "frac_fallback": n_fb / n if n else 0.0,
+        "self_pair_rate_exclude_self": n_fb / n if n else 0.0,
+        "self_pair_rate_include_self": float(np.mean(1.0 / (other + 1))) if n else 0.0,
         "group_size_min": int(sizes.min()) if len(sizes) else 0,
         "group_size_median": stat(np.median),
         "group_size_mean": stat(np.mean),

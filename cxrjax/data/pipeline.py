@@ -92,6 +92,9 @@ class PipelineConfig:
     split: 'train' / 'valid' / 'test'.
     mode: 'contrastive' (query + key [+ hard negatives]) or 'eval' (one eval-transformed image + labels).
     strategy: pair strategy file pairs/<strategy>.npz ('instance' needs no file).
+    include_self: MedAug's eq. 2 -- the query is in its own candidate set (drawn as its own partner
+        with probability 1 / |group|); False: cxrjax's rule, another image whenever one qualifies.
+        Applied to whatever the prepared index holds (`pairs.with_self`).
     hard_negatives: kind in pairs.HARD_NEGATIVES (file pairs/hard-<kind>.npz) or None;
         num_hard_negatives images per query are drawn from it.
     batch_size: GLOBAL batch size; each of process_count processes yields batch_size / process_count.
@@ -110,6 +113,7 @@ class PipelineConfig:
     split: str = "train"
     mode: str = "contrastive"
     strategy: str = pairs.BEST_STRATEGY
+    include_self: bool = False
     hard_negatives: str | None = None
     num_hard_negatives: int = 0
     batch_size: int = 256
@@ -217,8 +221,10 @@ def dataset_name(out: str | Path, name: str | None = None) -> str:
 
 
 def load_prepared(out: str | Path, split: str = "train", strategy: str | None = pairs.BEST_STRATEGY,
-                  hard_negatives: str | None = None, name: str | None = None) -> PreparedData:
-    """Read table.parquet and the pair index of `strategy` (None: no partners, eval) for `split`."""
+                  hard_negatives: str | None = None, name: str | None = None, *,
+                  include_self: bool | None = None) -> PreparedData:
+    """Read table.parquet and the pair index of `strategy` (None: no partners, eval) for `split`;
+    `include_self` True / False turns the groups to that self rule (None: as prepared)."""
     out = Path(out)
     table_path = out / "table.parquet"
     if not table_path.is_file():
@@ -256,6 +262,8 @@ def load_prepared(out: str | Path, split: str = "train", strategy: str | None = 
                                     np.ones(len(table), bool), pairs.get_strategy("instance"))
     else:
         positives = index_file(f"{strategy}.npz")
+    if positives is not None and include_self is not None:
+        positives = pairs.with_self(positives, include_self)
     hard = index_file(f"hard-{hard_negatives}.npz") if hard_negatives else None
     return PreparedData(
         out=str(out), name=dataset_name(out, name), split=split, split_rows=split_rows,
@@ -612,8 +620,10 @@ def example_dataset(cfg: PipelineConfig, data: PreparedData | None = None,
     process's stream belongs to epoch i // len(slice).
     """
     if data is None:
-        data = load_prepared(cfg.data_dir, cfg.split, cfg.strategy if cfg.mode == "contrastive" else None,
-                             cfg.hard_negatives if cfg.mode == "contrastive" else None, cfg.name)
+        contrastive = cfg.mode == "contrastive"
+        data = load_prepared(cfg.data_dir, cfg.split, cfg.strategy if contrastive else None,
+                             cfg.hard_negatives if contrastive else None, cfg.name,
+                             include_self=cfg.include_self if contrastive else None)
     reader = reader or open_reader(data)
     if len(reader) != data.n:
         raise ValueError(f"split {data.split!r}: table.parquet lists {data.n} records but the shards hold "

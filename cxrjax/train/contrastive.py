@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from cxrjax import distributed
 from cxrjax.data import augment as augment_lib
 from cxrjax.data import device_augment
+from cxrjax.data import pairs
 from cxrjax.data import pipeline
 from cxrjax.models import moco
 from cxrjax.train import checkpoint as ckpt_lib
@@ -54,23 +55,27 @@ class TrainState:
 
 
 def default_config():
-    """All keys of a MoCo run with MedAug's paper settings; configs/*.py start from this."""
+    """All keys of a MoCo run, set to MedAug's official run (papers.md "The official run, exactly":
+    their README command + the defaults of moco/main_moco.py and aihc_utils/image_transform.py);
+    configs/*.py start from this. cxrjax's own choices are named variants (`apply_variants`)."""
     import ml_collections as mlc
 
     c = mlc.ConfigDict()
     c.job = "moco"
     c.seed = 0
-    c.batch_size = 16  # MedAug
-    c.epochs = 20  # MedAug
+    c.batch_size = 16  # MedAug: --batch-size 16, one GPU
+    c.epochs = 20  # MedAug: --epochs 20
     c.total_steps = 0  # > 0 overrides epochs
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    c.require_accelerator = False  # True: stop at start-up when JAX would train on the CPU
 
     # Prepared data (python -m cxrjax.prepare); empty dir = the phantom data set, prepared and cached.
     c.data = mlc.ConfigDict(dict(
         dir="", name=mlc.FieldReference(None, field_type=str), split="train",
         strategy="study-same_lat-any",  # MedAug's best: same patient, same study, all lateralities
+        include_self=True,  # MedAug eq. 2: the query is in its own candidate set (self-pairs happen)
         hard_negatives=mlc.FieldReference(None, field_type=str), num_hard_negatives=0,
         num_workers=-1, read_threads=2, device_prefetch=2, max_corrupt=100,
     ))
@@ -83,37 +88,59 @@ def default_config():
         image="image", image_id="", patient_id="", study_id="", study_order="", view="", laterality="",
         report="", labels="", **dict.fromkeys(tfds_source.LABEL_KEYS, ""))))  # labels: vector, or one by one
     c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
-    # MedAug: horizontal flip + rotation +-10 deg (MoCo-CXR), 320 px; crop_scale (0.95, 1) is their best variant.
+    # MedAug (--aug-setting chexpert --rotate 10 --maintain-ratio, crop 320): Resize(320) of the shorter
+    # side, aspect kept -> horizontal flip -> rotation +-10 deg -> random 320 x 320 crop; evaluation:
+    # Resize(320) -> CenterCrop(320). Normalisation: their CheXpert mean / std.
     c.augment = mlc.ConfigDict(dict(
-        size=320, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0, hflip_prob=0.5,
-        brightness=0.0, contrast=0.0, jitter_prob=0.8, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
+        size=320, geometry="shorter_side_crop", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0,
+        hflip_prob=0.5, brightness=0.0, contrast=0.0, jitter_prob=0.8, blur_prob=0.0, blur_sigma=(0.1, 2.0),
+        eval_crop=1.0,
         # device: the workers only read records; crop/rotate/flip(/jitter/blur) run jitted in the train
         # step (cxrjax.data.device_augment). host: the workers augment (numpy/OpenCV). auto: host when
         # JAX runs on the CPU (faster there: README "Input pipeline"), device on an accelerator.
         where="auto",
     ))
     c.model = mlc.ConfigDict(dict(
-        arch="resnet18", width=64, embed_dim=128, hidden_dim=512,  # MoCo v2 head 512 -> 512 -> 128
-        init="imagenet", weights="",  # MedAug: ImageNet initialisation (weights via tools.import_torchvision)
+        arch="resnet18", width=64, embed_dim=128, hidden_dim=512,  # -a resnet18 --mlp: head 512 -> 512 -> 128
+        init="imagenet", weights="",  # --from-imagenet, both encoders (weights via tools.import_torchvision)
         dtype="float32",  # or bfloat16 compute (params stay float32)
     ))
     c.moco = mlc.ConfigDict(dict(
-        queue_size=24576, momentum=0.999, temperature=0.2,  # MedAug's code
-        shuffle_bn=True, shuffle_bn_groups=8,  # BN statistics per group of the global batch
+        queue_size=24576, momentum=0.999, temperature=0.2,  # --moco-k default, --moco-m default, --moco-t 0.2
+        # BN statistics per group of the global batch. MedAug ran one GPU: every statistic over the whole
+        # batch of 16 per encoder (1 group; shuffling inside one batch changes nothing).
+        shuffle_bn=True, shuffle_bn_groups=1,
         mask_false_negatives="none",  # 'patient' / 'study': drop queue keys of the query's patient/study
-        hard_mode="none",  # 'same_laterality_only' / 'reweight' (MedAug sec. 4.3)
+        hard_mode="none",  # 'same_laterality_only' / 'reweight' / 'append' / 'synthetic' (MedAug sec. 4.3)
+        hard_weight=0.9,  # reweight: share of the denominator's weight on same-laterality keys
+        append_fraction=0.1,  # append / synthetic: int(0.1 * K) keys per laterality (their README)
     ))
     c.optim = mlc.ConfigDict(dict(
-        name="adam", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,  # MedAug: Adam 1e-4, wd 1e-4
-        schedule="constant", warmup_steps=0, scale_by_batch=False,
+        name="adam", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9,  # --lr 0.0001, Adam, wd 1e-4
+        # MedAug: lr x 0.1 at epochs 12, 18 and 24 (--schedule 12 18 24; no --cos); 'cosine' / 'constant' too
+        schedule="step", milestones=(12, 18, 24), decay=0.1, warmup_steps=0, scale_by_batch=False,
     ))
     # ('data', 'fsdp', 'model') device mesh; -1 = the remaining devices (train/mesh.py, docs/scaling.md).
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
     return c
 
 
+# cxrjax's own choices beside the paper's run; each named variant says what differs and why
+# (configs/README.md lists them).
+VARIANTS = {
+    "demo": "phantom data, a small ResNet-18 and a short run: minutes on 2 CPU cores",
+    "exclude-self": "positives are always another image when one exists (MedAug's eq. 2 also draws the query itself)",
+    "padded": "the whole image, padded to a square, no crop jitter (nothing of the anatomy cut off)",
+    "cosine": "cosine decay instead of MedAug's x0.1 steps at epochs 12 and 18",
+    "bn-groups": "shuffle BN over 8 groups (the reference MoCo's 8-GPU setting) instead of whole-batch BN",
+    "sgd": "MoCo v2's ImageNet recipe: SGD 0.03 x batch/256, momentum 0.9, cosine",
+    "crop": "MedAug's random-crop-scale row: RandomResizedCrop area [0.95, 1], ratio [3/4, 4/3]",
+    "bf16": "bfloat16 compute (parameters stay float32)",
+}
+
+
 def apply_variants(c, arg: str | None):
-    """Shared `:variant` options of the MoCo configs (comma-separated, e.g. `:demo,sgd`)."""
+    """Shared `:variant` options of the MoCo configs (comma-separated, e.g. `:demo,cosine`); `VARIANTS`."""
     for v in filter(None, (arg or "").split(",")):
         if v == "demo":  # minutes on 2 CPU cores, on the phantom data
             c.data.dir = ""
@@ -121,18 +148,25 @@ def apply_variants(c, arg: str | None):
             c.augment.size = 56
             c.model.update(arch="resnet18", width=16, init="random")
             c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 60, 10, 20
-            c.moco.queue_size, c.moco.shuffle_bn_groups = 256, 4
+            c.moco.queue_size = 256
             c.data.num_workers = 0
-            c.optim.lr = 1e-3  # a visible loss decrease within 60 steps from random init
+            c.optim.update(lr=1e-3, schedule="constant")  # a visible loss decrease within 60 steps from random init
+        elif v == "exclude-self":
+            c.data.include_self = False
+        elif v == "padded":
+            c.augment.update(geometry="resized_crop", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+        elif v == "cosine":
+            c.optim.schedule = "cosine"
+        elif v == "bn-groups":
+            c.moco.shuffle_bn_groups = 8
         elif v == "sgd":  # MoCo v2's ImageNet recipe, as an option beside the paper's Adam
             c.optim.update(name="sgd", lr=0.03, scale_by_batch=True, schedule="cosine", momentum=0.9)
         elif v == "crop":  # MedAug's random-crop-scale variant (their best row)
-            c.augment.crop_scale = (0.95, 1.0)
-            c.augment.crop_ratio = (3 / 4, 4 / 3)
+            c.augment.update(geometry="resized_crop", crop_scale=(0.95, 1.0), crop_ratio=(3 / 4, 4 / 3))
         elif v == "bf16":
             c.model.dtype = "bfloat16"
         else:
-            raise ValueError(f"unknown config variant {v!r}; known: demo, sgd, crop, bf16")
+            raise ValueError(f"unknown config variant {v!r}; known: {', '.join(VARIANTS)}")
     return c
 
 
@@ -181,25 +215,40 @@ def prepared_data_dir(config, note) -> str:
 def pipeline_config(config, data_dir: str) -> pipeline.PipelineConfig:
     """The input pipeline of a run; augment.where "auto" resolved here, once, for this backend."""
     d = config.data
+    pairs.check_hard_negatives_compatible(d.strategy, d.hard_negatives)
     aug = augment_lib.AugmentConfig.from_dict(config.augment)
     return pipeline.PipelineConfig(
         data_dir=data_dir, name=d.name, split=d.split, mode="contrastive", strategy=d.strategy,
-        hard_negatives=d.hard_negatives, num_hard_negatives=d.num_hard_negatives,
+        include_self=d.include_self, hard_negatives=d.hard_negatives, num_hard_negatives=d.num_hard_negatives,
         batch_size=config.batch_size, seed=config.seed, num_workers=d.num_workers,
         read_threads=d.read_threads, device_prefetch=d.device_prefetch, max_corrupt=d.max_corrupt,
         augment=dataclasses.replace(aug, where=augment_lib.resolve_where(aug.where)),
     )
 
 
-def learning_rate(config, total_steps: int):
+def learning_rate(config, total_steps: int, steps_per_epoch: int | None = None):
+    """The lr schedule: 'step' (MedAug: x `decay` at each epoch in `milestones`), 'cosine' or 'constant',
+    after `warmup_steps` of linear warm-up; lr x batch/256 with `scale_by_batch` (MoCo's rule)."""
     o = config.optim
-    lr = o.lr * (config.batch_size / 256 if o.scale_by_batch else 1.0)  # MoCo: lr x batch/256
+    lr = o.lr * (config.batch_size / 256 if o.scale_by_batch else 1.0)
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
     if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup_steps, total_steps - 1), total_steps)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
     if o.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, o.warmup_steps), optax.constant_schedule(lr)],
-                                    [o.warmup_steps]) if o.warmup_steps else optax.constant_schedule(lr)
-    raise ValueError(f"config.optim.schedule={o.schedule!r}; expected 'cosine' or 'constant'")
+        base = optax.constant_schedule(lr)
+    elif o.schedule == "step":
+        spe = steps_per_epoch or max(1, total_steps // max(config.epochs, 1))
+        bounds = {}
+        for epoch in o.milestones:
+            step = int(round(epoch * spe))
+            if 0 < step < total_steps:  # milestones past the run's end (MedAug's 24 of 20 epochs) never act
+                bounds[step] = bounds.get(step, 1.0) * o.decay
+        base = optax.piecewise_constant_schedule(lr, bounds)
+    else:
+        raise ValueError(f"config.optim.schedule={o.schedule!r}; expected 'step', 'cosine' or 'constant'")
+    if not warmup:
+        return base
+    return lambda step: base(step) * jnp.minimum(1.0, step / warmup)
 
 
 def optimizer(config, schedule) -> optax.GradientTransformation:
@@ -242,30 +291,51 @@ def build_encoders(config, note):
 # The step
 
 
-def make_train_step(config, q_graph, k_graph, tx, schedule):
+def _key_inputs(batch: dict):
+    """The key encoder's inputs as one batch: per example its key view followed by its hard
+    negatives (B * (1 + k) images, and their augmentation seeds on the device path). Interleaving
+    keeps each example's images on the device that holds the example (no exchange to assemble them)."""
+    images = batch["key"][:, None]
+    seeds = batch.get("key_seed")
+    seeds = None if seeds is None else seeds[:, None]
+    if "hard_negatives" in batch:
+        images = jnp.concatenate([images, batch["hard_negatives"]], axis=1)
+        if seeds is not None:
+            seeds = jnp.concatenate([seeds, batch["hard_negative_seeds"]], axis=1)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    return flat(images), None if seeds is None else flat(seeds)
+
+
+def make_train_step(config, q_graph, k_graph, tx, schedule, mesh=None):
+    """The MoCo step (pure; `build_training` jits it). With a `mesh`, the key encoder's shuffled
+    inputs and the queue logits are pinned to their shardings (see `moco.encode_keys_shuffled`,
+    `moco.moco_loss`), so every device encodes its own B/N keys and scores its own K/N queue rows."""
     mc = config.moco
     bn_groups = mc.shuffle_bn_groups if mc.shuffle_bn else 1
     aug = augment_lib.AugmentConfig.from_dict(config.augment)
+    constrain, logits_sharding = (lambda x: x), None
+    if mesh is not None:
+        batch_sharded = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
+        constrain = lambda x: jax.lax.with_sharding_constraint(x, batch_sharded)
+        logits_sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes(mesh)))
 
     def train_step(state: TrainState, batch: dict):
-        rng, shuffle_rng = jax.random.split(state.rng)
+        rng, shuffle_rng, hard_rng = jax.random.split(state.rng, 3)
+        b = batch["query"].shape[0]
         # where="device" batches are augmented here; host-augmented ones are only normalised
-        x_q, x_k, x_h = device_augment.contrastive_views(batch, aug)
-        n = x_k.shape[0]
+        x_q = device_augment.to_views(batch["query"], batch.get("query_seed"), aug)
 
         # Momentum encoder: EMA first, then the keys (reference MoCo), shuffle BN across groups.
         k_params = moco.ema_update(state.k_params, state.q_params, mc.momentum)
+        images, seeds = _key_inputs(batch)
+        keys_all, k_stats = moco.encode_keys_shuffled(
+            k_graph, k_params, state.k_stats, (images, seeds), shuffle_rng, num_groups=bn_groups,
+            to_views=lambda xs: device_augment.to_views(xs[0], xs[1], aug), constrain=constrain)
+        keys_all = keys_all.reshape(b, -1, keys_all.shape[-1])
+        k_emb = keys_all[:, 0]
         hard, hard_valid = None, None
         if "hard_negatives" in batch:
-            h = batch["hard_negatives"]
-            x_all = jnp.concatenate([x_k, x_h.reshape((-1,) + x_k.shape[1:])])
-            keys_all, k_stats = moco.encode_keys_shuffled(k_graph, k_params, state.k_stats, x_all, shuffle_rng,
-                                                           num_groups=bn_groups)
-            k_emb, hard = keys_all[:n], keys_all[n:].reshape(n, h.shape[1], -1)
-            hard_valid = batch["hard_negative_rows"] >= 0
-        else:
-            k_emb, k_stats = moco.encode_keys_shuffled(k_graph, k_params, state.k_stats, x_k, shuffle_rng,
-                                                       num_groups=bn_groups)
+            hard, hard_valid = keys_all[:, 1:], batch["hard_negative_rows"] >= 0
 
         def loss_fn(q_params):
             q, q_stats = moco.apply_encoder(q_graph, q_params, state.q_stats, x_q, train=True,
@@ -274,7 +344,8 @@ def make_train_step(config, q_graph, k_graph, tx, schedule):
                 q, k_emb, state.queue, temperature=mc.temperature, q_patient=batch["patient"],
                 q_study=batch["study"], q_laterality=batch["laterality"],
                 mask_false_negatives=mc.mask_false_negatives, hard_negatives=hard,
-                hard_negatives_valid=hard_valid, hard_mode=mc.hard_mode,
+                hard_negatives_valid=hard_valid, hard_mode=mc.hard_mode, hard_weight=mc.hard_weight,
+                append_fraction=mc.append_fraction, rng=hard_rng, queue_logits_sharding=logits_sharding,
             )
             return loss, (q_stats, m)
 
@@ -297,30 +368,55 @@ def state_shardings(abstract: TrainState, mesh) -> TrainState:
     """Where each array of the MoCo state lives: parameters and optimizer state by their logical axis
     names (the ResNet has none: replicated, it is small), the queue split along K over `data`."""
     shardings = mesh_lib.state_sharding(abstract, mesh)
-    return shardings.replace(queue=mesh_lib.sharded_along_first(abstract.queue, mesh, "data"))
+    return shardings.replace(queue=mesh_lib.sharded_along_first(abstract.queue, mesh, mesh_lib.batch_axes(mesh)))
 
 
 @dataclasses.dataclass
 class Training:
     """The initial train state, its shapes and shardings, and the jitted (not yet compiled) step."""
 
-    state: TrainState
+    state: TrainState | None  # None when built with materialize=False (compile-only tools)
     abstract: TrainState
     state_sharding: TrainState
     train_step: object
 
 
-def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Training:
+def check_bn_groups(config, mesh) -> None:
+    """BN groups must line up with the batch shards, or every BN layer gathers its activations.
+
+    Each group of the global batch is normalised with its own statistics. With G groups over N batch
+    shards (devices along data x fsdp), G a multiple of N puts G/N whole groups on every device (no
+    communication) and N a multiple of G makes each group's statistics an all-reduce of C numbers
+    over N/G devices (G = 1 is synchronised BN over the whole batch, MedAug's single-GPU setting).
+    Anything else makes XLA gather every BN layer's activations (measured: benchmarks/hlo_report.py).
+    """
+    g = config.moco.shuffle_bn_groups if config.moco.shuffle_bn else 1
+    n = mesh_lib.num_batch_shards(mesh)
+    if g < 1 or config.batch_size % g:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of moco.shuffle_bn_groups {g}")
+    if g % n and n % g:
+        b = config.batch_size
+        fits = [d for d in range(1, b + 1) if b % d == 0 and (d % n == 0 or n % d == 0)]
+        raise ValueError(f"moco.shuffle_bn_groups={g} does not line up with the {n} batch shards of the mesh "
+                         f"(data x fsdp): every BN layer would gather its activations across devices. Use a "
+                         f"divisor or a multiple of {n} that divides batch_size {b}: one of {fits}")
+
+
+def build_training(config, mesh, total_steps: int, note=lambda s: None, *, materialize: bool = True,
+                   steps_per_epoch: int | None = None) -> Training:
     """Encoders -> optimizer -> sharded initial state -> `jax.jit` step with explicit shardings and
     the state donated (shared by the trainer and benchmarks, so all run the same step).
 
     Shardings (train/mesh.py): parameters by their logical axis names (the ResNet has none: replicated),
-    the queue split over `data` along K, the batch over ('data', 'fsdp')."""
+    the queue split over the batch axes along K, the batch over ('data', 'fsdp').
+    `materialize=False` builds no state (`state` is None): enough to lower and compile the step from
+    `mesh_lib.with_shardings(abstract, state_sharding)` for any device count (benchmarks/hlo_report.py)."""
+    check_bn_groups(config, mesh)
     replicated = NamedSharding(mesh, P())
     query, key = build_encoders(config, note)
     q_graph, q_params, q_stats = nnx.split(query, nnx.Param, nnx.BatchStat)
     k_graph, k_params, k_stats = nnx.split(key, nnx.Param, nnx.BatchStat)
-    schedule = learning_rate(config, total_steps)
+    schedule = learning_rate(config, total_steps, steps_per_epoch)
     tx = optimizer(config, schedule)
 
     def init_state():
@@ -333,11 +429,34 @@ def build_training(config, mesh, total_steps: int, note=lambda s: None) -> Train
 
     abstract = jax.eval_shape(init_state)
     state_sharding = state_shardings(abstract, mesh)
-    state = jax.jit(init_state, out_shardings=state_sharding)()
-    step_fn = make_train_step(config, q_graph, k_graph, tx, schedule)
+    state = jax.jit(init_state, out_shardings=state_sharding)() if materialize else None
+    step_fn = make_train_step(config, q_graph, k_graph, tx, schedule, mesh)
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return Training(state, abstract, state_sharding, train_step)
+
+
+def abstract_batch(config, mesh, image_size: int) -> dict:
+    """ShapeDtypeStructs of one global pipeline batch of this config (compile-only tools and tests):
+    uint8 images of `image_size` (the view size on the host path, the record size on the device path),
+    the metadata codes, and the augmentation seeds / hard negatives when configured."""
+    import numpy as np
+
+    where = augment_lib.resolve_where(config.augment.where)
+    b, k = config.batch_size, config.data.num_hard_negatives if config.data.hard_negatives else 0
+    sharding = pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)
+    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    img = (image_size, image_size, 1)
+    batch = {"query": sd((b, *img), np.uint8), "key": sd((b, *img), np.uint8)}
+    for name in ("patient", "study", "laterality", "key_study", "key_laterality"):
+        batch[name] = sd((b,), np.int32)
+    if where == "device":
+        batch.update(query_seed=sd((b, 2), np.uint32), key_seed=sd((b, 2), np.uint32))
+    if k:
+        batch.update(hard_negatives=sd((b, k, *img), np.uint8), hard_negative_rows=sd((b, k), np.int32))
+        if where == "device":
+            batch["hard_negative_seeds"] = sd((b, k, 2), np.uint32)
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +468,8 @@ def _fingerprint(config, pcfg: pipeline.PipelineConfig) -> dict:
     return {"job": "moco", "arch": config.model.arch, "width": config.model.width, "embed_dim": config.model.embed_dim,
             "hidden_dim": config.model.hidden_dim, "queue_size": config.moco.queue_size, "optim": config.optim.name,
             "batch_size": config.batch_size, "data_dir": str(Path(pcfg.data_dir).resolve()), "seed": config.seed,
-            "strategy": config.data.strategy, "process_count": jax.process_count(),
+            "strategy": config.data.strategy, "include_self": config.data.include_self,
+            "process_count": jax.process_count(),
             # host and device draw different random numbers: a resume must keep the path
             "augment_where": pcfg.augment.where}
 
@@ -368,7 +488,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pcfg = pipeline_config(config, data_dir)
     note(f"augmentation on the {pcfg.augment.where} (augment.where="
          f"{config.augment.where!r}, JAX backend {jax.default_backend()})")
-    data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name)
+    data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name,
+                                  include_self=pcfg.include_self)
     steps_per_epoch = data.n // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {data.n} images of split {pcfg.split!r}")
@@ -376,12 +497,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.moco.queue_size % config.batch_size:
         raise ValueError(f"moco.queue_size {config.moco.queue_size} must be a multiple of batch_size {config.batch_size}")
     mesh_lib.batch_size_per_shard(config.batch_size, mesh)
-    if config.moco.shuffle_bn and config.batch_size % config.moco.shuffle_bn_groups:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of moco.shuffle_bn_groups "
-                         f"{config.moco.shuffle_bn_groups}")
+    check_bn_groups(config, mesh)
 
     note("Creating model and compiling the train step ...")
-    setup = build_training(config, mesh, total_steps, note)
+    setup = build_training(config, mesh, total_steps, note, steps_per_epoch=steps_per_epoch)
     state, abstract, state_sharding, train_step = setup.state, setup.abstract, setup.state_sharding, setup.train_step
 
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, pcfg))

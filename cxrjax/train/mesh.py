@@ -118,6 +118,11 @@ def batch_spec() -> P:
     return P(BATCH_AXES)
 
 
+def num_batch_shards(mesh) -> int:
+    """How many ways the batch is split: the product of the mesh's batch axes (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_size_per_shard(global_batch: int, mesh) -> int:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
@@ -179,14 +184,18 @@ def state_sharding(abstract_state, mesh, rules=RULES, *, min_size: int = MIN_SHA
     return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, abstract_state)
 
 
-def sharded_along_first(abstract_tree, mesh, axis: str = "data"):
-    """Shard every array of rank >= 1 along its first dimension over `axis` (replicated if it does not
-    divide); scalars replicated. For the MoCo queue: keys (K, D) and metadata (K,) split along K."""
+def sharded_along_first(abstract_tree, mesh, axis: str | tuple[str, ...] = "data"):
+    """Shard every array of rank >= 1 along its first dimension over `axis` (one mesh axis or several;
+    replicated if it does not divide); scalars replicated. For the MoCo queue: keys (K, D) and
+    metadata (K,) split along K."""
+    axes = (axis,) if isinstance(axis, str) else tuple(axis)
+    size = math.prod(mesh.shape[a] for a in axes)
+
     def one(x):
         shape = x.shape
-        if not shape or shape[0] % mesh.shape[axis]:
+        if not shape or shape[0] % size:
             return NamedSharding(mesh, P())
-        return NamedSharding(mesh, P(axis))
+        return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
 
     return jax.tree.map(one, abstract_tree)
 

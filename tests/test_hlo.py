@@ -1,0 +1,96 @@
+"""The MoCo step really splits its work over 8 devices: read from the compiled program, not inferred
+from equal losses (a step that runs the whole batch on every device gives the same loss).
+
+What is asserted, per device, for a ResNet-18 (width 8) MoCo step with global batch 16 on 8 devices:
+* every convolution of both encoders -- query forward, key forward, input and weight gradients -- runs
+  on 16 / 8 = 2 examples (79 of them: 20 query + 20 key forward, 19 input-gradient, 20 weight-gradient);
+* the only collective that moves images is shuffle BN's one exchange, an all-gather of the uint8 key
+  views (B x S x S bytes, the reference MoCo's `concat_all_gather`), and whole-batch BN (MedAug's
+  1 group) has none;
+* the queue never moves: no collective carries K rows, and the queue logits are computed per device
+  against its K / 8 rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from configs import moco_patient
+from cxrjax.train import contrastive as ct
+from cxrjax.train import hlo_stats
+from cxrjax.train import mesh as mesh_lib
+
+N, B, K, S, D = 8, 16, 96, 32, 128  # K: no layer of the model has 96 or 12 channels
+
+
+def _config(groups: int, where: str, hard: int = 0):
+    c = moco_patient.get_config()
+    c.model.update(arch="resnet18", width=8, init="random")
+    c.batch_size, c.moco.queue_size, c.moco.shuffle_bn_groups = B, K, groups
+    c.augment.update(size=S, where=where)
+    if hard:
+        c.data.hard_negatives, c.data.num_hard_negatives = "patient-other-study", hard
+    return c
+
+
+def _report(config, image_size):
+    mesh = ct.make_mesh(config)
+    setup = ct.build_training(config, mesh, total_steps=100, materialize=False)
+    state = mesh_lib.with_shardings(setup.abstract, setup.state_sharding)
+    return hlo_stats.step_report(setup.train_step.lower(state, ct.abstract_batch(config, mesh, image_size)))
+
+
+@pytest.fixture(scope="module")
+def shuffled():
+    """Shuffle BN with one group per device, host-augmented views, 1 hard negative per query."""
+    return _report(_config(groups=N, where="host", hard=1), S)
+
+
+@pytest.fixture(scope="module")
+def whole_batch():
+    """MedAug's setting (BN over the whole batch), on-device augmentation from 40 px records."""
+    return _report(_config(groups=1, where="device"), 40)
+
+
+@pytest.mark.parametrize("which", ["shuffled", "whole_batch"])
+def test_every_convolution_runs_on_its_share_of_the_batch(which, request):
+    report = request.getfixturevalue(which)
+    convs = report.convolutions
+    weight_grads = [c for c in convs if c.is_weight_gradient]
+    assert len(weight_grads) == 20, "ResNet-18 has 20 convolutions, each with one weight gradient"
+    assert len(convs) == 79
+    # the key encoder also encodes the hard negatives: 2 images per example in `shuffled`
+    per_device = {c.examples for c in convs}
+    expected = {B // N, 2 * B // N} if which == "shuffled" else {B // N}
+    assert per_device <= expected, f"convolutions on {sorted(per_device)} examples; the batch share is {B // N}"
+    assert min(per_device) == B // N
+
+
+def test_only_the_shuffle_exchange_moves_images(shuffled, whole_batch):
+    def image_collectives(report):
+        return [c for c in report.collectives if any(len(s.dims) == 4 and s.dims[1] >= S for s in c.shapes)]
+
+    moved = image_collectives(shuffled)
+    assert [(c.kind, str(c.shapes[0])) for c in moved] == [("all-gather", f"u8[{2 * B},{S},{S},1]")]
+    assert moved[0].bytes == 2 * B * S * S  # the key views and the hard negatives, 8-bit
+    assert image_collectives(whole_batch) == []
+
+
+def test_the_queue_never_moves(shuffled, whole_batch):
+    for report in (shuffled, whole_batch):
+        for c in report.collectives:
+            assert not any(K in s.dims or K * D == s.dims[0] for s in c.shapes if s.dims), (c.kind, c.shapes)
+        queue_dots = [c for c in report.contractions if c.kind == "dot" and K // N in c.rhs.dims + c.lhs.dims]
+        assert queue_dots, "the queue logits should be a per-device (B, K/8) product"
+        # nothing but the data-parallel gradient all-reduce moves more than a few (B, D) float rows
+        big = [c for c in report.collectives if c.bytes > 4 * B * D * 4 and "reduce_sum" not in c.op_name]
+        assert all(c.kind == "all-gather" and c.shapes[0].dtype == "u8" for c in big), big
+
+
+@pytest.mark.parametrize("groups", [3, 12])
+def test_bn_groups_that_do_not_line_up_with_the_devices_are_refused(groups, eight_devices):
+    config = _config(groups=groups, where="host")
+    config.batch_size = 48
+    with pytest.raises(ValueError, match="shuffle_bn_groups=.*batch shards"):
+        ct.check_bn_groups(config, ct.make_mesh(config))
