@@ -65,8 +65,8 @@ def parse_flags(argv: list[str], *, prog: str, config_flag: str | None = "config
     except (AttributeError, KeyError) as e:  # an override the pre-check could not see (e.g. a --flagfile)
         fail(prog, f"unknown config key: {_one_line(e)}")
     if len(rest) > 1:
-        fail(prog, f"unexpected arguments {rest[1:]}: every option is a --flag "
-                   f"(config overrides look like --{config_flag or 'config'}.optim.lr=0.1)")
+        fail(prog, f"unexpected arguments {rest[1:]}: every option is a --flag"
+                   + (f" (config overrides look like --{config_flag}.KEY=VALUE)" if config_flag else ""))
     return rest
 
 

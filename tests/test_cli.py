@@ -51,7 +51,7 @@ def test_wrong_value_type(tmp_path):
 
 def test_positional_arguments(tmp_path):
     r = _main(f"--config={MOCO}:demo", f"--workdir={tmp_path}", "config.optim.lr=0.1")
-    _one_line_error(r, "unexpected arguments ['config.optim.lr=0.1']", "--config.optim.lr=0.1")
+    _one_line_error(r, "unexpected arguments ['config.optim.lr=0.1']", "--config.KEY=VALUE")
 
 
 def test_missing_config_file_and_missing_flags(tmp_path):
