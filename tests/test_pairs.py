@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ from cxrjax.data.pairs import (
     build_hard_negative_index,
     build_pair_index,
     get_strategy,
+    check_hard_negatives_compatible,
     group_size_stats,
     load_pair_index,
     metadata_codes,
@@ -23,6 +23,7 @@ from cxrjax.data.pairs import (
     sample_hard_negatives,
     sample_positive,
     save_pair_index,
+    with_self,
 )
 
 # Hand-made table; patients interleaved so table order != patient order.
@@ -183,6 +184,48 @@ def test_random_table_matches_brute_force():
             _check_csr(idx, n)
             assert [idx.group(i).tolist() for i in range(n)] == groups, (name, inc)
             assert idx.fallback.tolist() == fb, (name, inc)
+
+
+def test_with_self_converts_between_the_two_rules():
+    """with_self gives exactly the index build_pair_index makes under the other rule, both ways."""
+    rng = np.random.default_rng(1)
+    n = 200
+    pat = rng.integers(0, 30, n)
+    t = pd.DataFrame({"patient_id": [f"p{x}" for x in pat],
+                      "study_id": [f"p{x}/s{y}" for x, y in zip(pat, rng.integers(0, 3, n))],
+                      "laterality": rng.choice(["frontal", "lateral", "unknown"], n, p=[0.6, 0.3, 0.1])})
+    for name in STRATEGIES:
+        without, with_ = build_pair_index(t, name), build_pair_index(t, name, include_self=True)
+        for src, dst in ((without, with_), (with_, without)):
+            got = with_self(src, dst.include_self)
+            assert got.include_self == dst.include_self, name
+            np.testing.assert_array_equal(got.offsets, dst.offsets)
+            np.testing.assert_array_equal(got.members, dst.members)
+            np.testing.assert_array_equal(got.fallback, dst.fallback)
+
+
+def test_self_pair_rates_of_both_rules():
+    """The manifest's self-pair rates, by hand on the 8-row table: study-same_lat-any groups (others)
+    are 4 fallbacks + four pairs of two images -> eq. 2 draws self 1/1 x 4 + 1/2 x 4 of the time."""
+    s = group_size_stats(build_pair_index(_table(), "study-same_lat-any"))
+    assert s["self_pair_rate_exclude_self"] == 0.5
+    assert s["self_pair_rate_include_self"] == pytest.approx((4 * 1 + 4 * 0.5) / 8)
+    s2 = group_size_stats(build_pair_index(_table(), "study-same_lat-any", include_self=True))
+    assert s2["self_pair_rate_include_self"] == s["self_pair_rate_include_self"]
+    assert s2["self_pair_rate_exclude_self"] == s["self_pair_rate_exclude_self"]
+
+
+@pytest.mark.parametrize("strategy, hard, refused", [
+    ("study-same_lat-any", "patient-other-study", False), ("study-any_lat-any", "patient-other-study", True),
+    ("study-different_lat-same", "patient-other-study", True), ("instance", "patient-other-study", False),
+    ("study-same_lat-same", "study-other-laterality", False), ("study-same_lat-any", "study-other-laterality", True),
+    ("study-different_lat-any", "study-other-laterality", False), ("study-any_lat-any", None, False)])
+def test_hard_negatives_that_positives_may_draw_are_refused(strategy, hard, refused):
+    if refused:
+        with pytest.raises(ValueError, match=f"hard_negatives={hard!r}.*strategy={strategy!r}"):
+            check_hard_negatives_compatible(strategy, hard)
+    else:
+        check_hard_negatives_compatible(strategy, hard)
 
 
 def test_empty_and_single_row_tables():
@@ -394,28 +437,15 @@ def test_sample_hard_negatives():
 # ------------------------------------------------------------------------------------------------
 # Real CheXpert table
 
-CHEXPERT_CSV = Path("/work/shared/data/metadata/chexpert_train.csv.gz")
+def _chexpert_table(shared_data):
+    """The real CheXpert train.csv through the chexpert adapter (skips without ../shared/data)."""
+    from cxrjax.data.metadata import load_chexpert_csv
+
+    return load_chexpert_csv(shared_data / "metadata" / "chexpert_train.csv.gz").table
 
 
-def _chexpert_table():
-    try:
-        from cxrjax.data.metadata import load_chexpert_csv  # the lead's adapter, when present
-    except ImportError:
-        load_chexpert_csv = None
-    if load_chexpert_csv is not None:
-        return load_chexpert_csv(CHEXPERT_CSV).table
-    d = pd.read_csv(CHEXPERT_CSV, usecols=["Path", "Frontal/Lateral"])
-    parts = d["Path"].str.split("/", expand=True)
-    return pd.DataFrame({
-        "patient_id": parts[2],
-        "study_id": parts[2] + "/" + parts[3],
-        "laterality": d["Frontal/Lateral"].str.lower(),
-    })
-
-
-@pytest.mark.skipif(not CHEXPERT_CSV.exists(), reason="real CheXpert metadata not available")
-def test_real_chexpert_table():
-    t = _chexpert_table()
+def test_real_chexpert_table(shared_data):
+    t = _chexpert_table(shared_data)
     n = len(t)
     assert n > 200_000
     codes = metadata_codes(t)

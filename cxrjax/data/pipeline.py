@@ -176,7 +176,47 @@ class PipelineConfig:
         return self.batch_size // count
 
     def workers(self) -> int:
-        return (os.cpu_count() or 1) if self.num_workers == -1 else self.num_workers
+        return auto_workers() if self.num_workers == -1 else self.num_workers
+
+
+MAX_AUTO_WORKERS = 16  # past this, more decode processes only add memory (and IPC) on any node we measured
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what SLURM's --cpus-per-task, taskset or a
+    cgroup cpuset grant), not the node's core count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers() -> int:
+    """num_workers=-1: one decode process per available CPU, one left for the training process itself,
+    at most MAX_AUTO_WORKERS (logged by the trainers)."""
+    return max(1, min(MAX_AUTO_WORKERS, available_cpus() - 1))
+
+
+def check_shared_memory(cfg: PipelineConfig, example_bytes: int, path: str = "/dev/shm") -> None:
+    """Worker processes hand batches over in shared memory (/dev/shm); Docker's default of 64 MB is
+    too small for a few batches of images. Refuse up front, in one line, instead of a worker dying
+    with a bus error mid-run."""
+    workers = cfg.workers()
+    if not workers:
+        return
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return  # no /dev/shm (not Linux): multiprocessing uses its own mechanism
+    free = st.f_bavail * st.f_frsize
+    # every worker keeps worker_buffer_size batches, plus one in flight to the main process
+    need = workers * (cfg.worker_buffer_size + 1) * cfg.local_batch_size() * example_bytes
+    if need > free:
+        raise ValueError(
+            f"{path} has {free / 2**20:.0f} MiB free, but {workers} pipeline workers x "
+            f"{cfg.worker_buffer_size + 1} batches of {cfg.local_batch_size()} examples need ~{need / 2**20:.0f} MiB of "
+            f"shared memory: start the container with --shm-size={max(1, int(2 * need / 2**30) + 1)}g (Docker), or "
+            f"lower config.data.num_workers / worker_buffer_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +464,19 @@ def _is_good(ex: dict) -> bool:
     return CORRUPT_KEY not in ex
 
 
+def example_bytes(cfg: PipelineConfig, data: PreparedData, reader) -> int:
+    """Bytes of one example's images in a batch: the views (query, key, hard negatives) at the size the
+    workers hand over (finished views on the host path, the records' pixels on the device path)."""
+    fmt = getattr(reader, "format", None)
+    pixel = 2 if fmt is not None and fmt.dtype == "uint16" else 1
+    if cfg.mode == "eval":
+        views, side = 1, cfg.augment.size
+    else:
+        views = 2 + (cfg.num_hard_negatives if cfg.hard_negatives else 0)
+        side = _device_input_size(data, cfg.augment) if cfg.augment.where == "device" else cfg.augment.size
+    return views * side * side * pixel
+
+
 def _device_input_size(data: PreparedData, aug: augment_lib.AugmentConfig) -> int:
     """Side of the square images handed to on-device augmentation: the prepared records' size
     (manifest.json), else -- a source whose images vary in size -- the training size."""
@@ -612,6 +665,14 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return np.array([ds[epoch * n + i] - epoch * n for i in range(n)], np.int64)
 
 
+def prepared_for(cfg: PipelineConfig) -> PreparedData:
+    """`load_prepared` with what `cfg` asks for (pairs and hard negatives only in contrastive mode)."""
+    contrastive = cfg.mode == "contrastive"
+    return load_prepared(cfg.data_dir, cfg.split, cfg.strategy if contrastive else None,
+                         cfg.hard_negatives if contrastive else None, cfg.name,
+                         include_self=cfg.include_self if contrastive else None)
+
+
 def example_dataset(cfg: PipelineConfig, data: PreparedData | None = None,
                     reader: RecordReader | None = None, transform=None) -> grain.MapDataset:
     """The per-example MapDataset of this process: shuffle -> process slice -> repeat -> examples.
@@ -619,11 +680,7 @@ def example_dataset(cfg: PipelineConfig, data: PreparedData | None = None,
     Elements are example dicts (or corrupt markers {CORRUPT_KEY: report}). Position i of this
     process's stream belongs to epoch i // len(slice).
     """
-    if data is None:
-        contrastive = cfg.mode == "contrastive"
-        data = load_prepared(cfg.data_dir, cfg.split, cfg.strategy if contrastive else None,
-                             cfg.hard_negatives if contrastive else None, cfg.name,
-                             include_self=cfg.include_self if contrastive else None)
+    data = data or prepared_for(cfg)
     reader = reader or open_reader(data)
     if len(reader) != data.n:
         raise ValueError(f"split {data.split!r}: table.parquet lists {data.n} records but the shards hold "
@@ -650,6 +707,10 @@ def _with_epoch(per_epoch: int, i: int, record: int) -> tuple[int, int]:
 def make_dataset(cfg: PipelineConfig, data: PreparedData | None = None,
                  reader: RecordReader | None = None) -> grain.IterDataset:
     """This process's batches (numpy dicts, local batch size), decoded by `cfg.workers()` processes."""
+    data = data or prepared_for(cfg)
+    reader = reader or open_reader(data)
+    if cfg.workers() > 0:
+        check_shared_memory(cfg, example_bytes(cfg, data, reader))
     ds = example_dataset(cfg, data, reader)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=2 * cfg.local_batch_size()))
