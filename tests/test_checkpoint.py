@@ -101,6 +101,7 @@ DAMAGE = {  # how a storage fault leaves the files -> what the one-line reason m
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no "Exception ignored" tracebacks
 def test_damaged_newest_checkpoint_is_named_moved_aside_and_the_previous_one_restored(tmp_path, damage, caplog):
     ckdir = _save_steps(tmp_path)
     hurt, expected_reason = DAMAGE[damage]
@@ -153,6 +154,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_not_damage(tmp_path):
     assert _files(ckdir) == before  # nothing moved
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_every_checkpoint_damaged_is_an_error_and_nothing_is_moved(tmp_path):
     ckdir = _save_steps(tmp_path, steps=(1, 2))
     _truncate_half(ckdir / "1")

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 
 import jax
@@ -128,6 +129,7 @@ class Checkpointer:
         except Exception as e:
             reason = damage_reason(e, self.directory / str(step))
             if reason is not None:
+                _ignore_late_read_callbacks()
                 raise DamagedCheckpointError(step, self.directory, reason) from e
             if not isinstance(e, (ValueError, KeyError, TypeError)):
                 raise
@@ -207,6 +209,24 @@ def _quiet_failed_reads():
         raise
     finally:
         log.setLevel(level)
+
+
+def _ignore_late_read_callbacks() -> None:
+    """After a failed read, TensorStore may complete the other reads of that restore later, and their
+    callbacks find Orbax's event loop closed: Python prints "Exception ignored ... RuntimeError: Event
+    loop is closed" with a traceback. Those reads are already abandoned; drop exactly that message."""
+    previous = sys.unraisablehook
+    if getattr(previous, "cxrjax_late_reads", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.cxrjax_late_reads = True
+    sys.unraisablehook = hook
 
 
 # TensorStore status codes of a read that found missing, short or undecodable data.
