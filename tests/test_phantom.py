@@ -1,17 +1,58 @@
-"""The phantom dataset: canonical table, determinism, label/report consistency, visible findings."""
+"""The phantom data set: CheXpert's study structure, graded findings, label/report consistency, determinism.
+
+The CheXpert numbers below were measured on the real train table (223,414 images; docs/phantom.md) and
+are written here, not computed by the code under test. Shares of the phantom are computed here with
+pandas from the table alone.
+"""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxrjax.data import phantom, schema
+from cxrjax.data import pairs, phantom, schema
 from cxrjax.data.schema import CHEXPERT_LABELS
 
 SIZE = 128
+
+# CheXpert-v1.0-small train.csv, per image unless said otherwise (docs/phantom.md).
+CHEXPERT = {
+    "alone": 0.688,            # images alone in their study
+    "one_plus_one": 0.266,     # images of a study with exactly one frontal and one lateral
+    "same_lat_mate": 0.039,    # images with a study-mate of their own laterality
+    "images_per_study": 1.19,
+    "one_study_patients": 0.520,
+    "studies_per_patient": 2.91,
+    "AP": 0.723, "PA": 0.132, "LATERAL": 0.145,
+}
+# (positive, uncertain, negative, blank) shares of images, CheXpert train.
+CHEXPERT_LABEL_SHARES = {
+    "No Finding": (0.100, 0.000, 0.000, 0.900),
+    "Enlarged Cardiomediastinum": (0.048, 0.056, 0.097, 0.799),
+    "Cardiomegaly": (0.121, 0.036, 0.050, 0.793),
+    "Lung Opacity": (0.473, 0.025, 0.030, 0.473),
+    "Lung Lesion": (0.041, 0.007, 0.006, 0.947),
+    "Edema": (0.234, 0.058, 0.093, 0.615),
+    "Consolidation": (0.066, 0.124, 0.126, 0.684),
+    "Pneumonia": (0.027, 0.084, 0.013, 0.876),
+    "Atelectasis": (0.149, 0.151, 0.006, 0.694),
+    "Pneumothorax": (0.087, 0.014, 0.252, 0.647),
+    "Pleural Effusion": (0.386, 0.052, 0.158, 0.404),
+    "Pleural Other": (0.016, 0.012, 0.001, 0.971),
+    "Fracture": (0.040, 0.003, 0.011, 0.945),
+    "Support Devices": (0.519, 0.005, 0.027, 0.448),
+}
+DEMO_PATIENTS = 250   # the demo cohort suggested in docs/phantom.md: >= 30 effusion-positive test images
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return phantom.make_table(2000, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +81,16 @@ def _edit(row, **labels):
     return r
 
 
+def test_version_tag():
+    assert isinstance(phantom.VERSION, str) and phantom.VERSION and phantom.VERSION != "1"
+
+
 def test_table_is_canonical(table):
     t = schema.validate_table(table)
     assert list(t.columns[: len(schema.COLUMNS)]) == list(schema.COLUMNS)
     assert (table["source"] == "phantom").all() and (table["path"] == "").all()
-    assert table["image_id"].str.fullmatch(r"p\d{5}/s\d{2}/(frontal|lateral)").all()
+    assert table["image_id"].str.fullmatch(r"p\d{5}/s\d{2}/view\d_(frontal|lateral)").all()
+    assert (table["image_id"].str.extract(r"_(\w+)$")[0] == table["laterality"]).all()
     assert (table["study_id"] == table["image_id"].str.rsplit("/", n=1).str[0]).all()
     assert (table["patient_id"] == table["study_id"].str.split("/").str[0]).all()
     assert (table["laterality"] == schema.laterality_of(table["view"])).all()
@@ -52,53 +98,94 @@ def test_table_is_canonical(table):
     assert (table.groupby("patient_id")["split"].nunique() == 1).all()
     assert (table["report"].str.len() > 20).all()
     assert (table["extra_seed"] == 0).all()
-
-
-def test_studies_views_and_orders(table):
-    n_studies = table.groupby("patient_id")["study_id"].nunique()
-    assert n_studies.min() == 1 and n_studies.max() == 4
-    assert table["patient_id"].nunique() == 200
     orders = table.groupby("patient_id")["study_order"].agg(lambda s: sorted(set(s)))
     assert all(o == list(range(len(o))) for o in orders)
-    per_study = table.groupby("study_id")["laterality"].agg(list)
-    assert all(lat.count("frontal") == 1 and lat.count("lateral") <= 1 for lat in per_study)
-    assert set(table["laterality"]) == {"frontal", "lateral"}
-    assert {"PA", "AP", "LATERAL"} <= set(table["view"])
-    frac_lat = (table["laterality"] == "lateral").mean()
-    assert 0.15 < frac_lat < 0.45
-    few = phantom.make_table(200, seed=0, max_studies=2, lateral_prob=0.0)
-    assert few.groupby("patient_id")["study_id"].nunique().max() == 2
-    assert (few["laterality"] == "frontal").all()
 
 
-def test_study_images_share_labels_and_report(table):
+def _study_shares(t: pd.DataFrame) -> dict:
+    lat = t["laterality"]
+    n_front = t.groupby("study_id")["laterality"].transform(lambda s: (s == "frontal").sum())
+    n_lat = t.groupby("study_id")["laterality"].transform(lambda s: (s == "lateral").sum())
+    studies = t.groupby("patient_id")["study_id"].nunique()
+    return {
+        "alone": ((n_front + n_lat) == 1).mean(),
+        "one_plus_one": ((n_front == 1) & (n_lat == 1)).mean(),
+        "same_lat_mate": np.where(lat == "frontal", n_front >= 2, n_lat >= 2).mean(),
+        "images_per_study": len(t) / t["study_id"].nunique(),
+        "one_study_patients": (studies == 1).mean(),
+        "studies_per_patient": studies.mean(),
+        "AP": t["view"].isin(["AP", "AP_SUPINE"]).mean(), "PA": (t["view"] == "PA").mean(),
+        "LATERAL": (t["view"] == "LATERAL").mean(),
+    }
+
+
+def test_study_structure_matches_chexpert(cohort):
+    got = _study_shares(cohort)
+    tol = {"alone": 0.03, "one_plus_one": 0.03, "same_lat_mate": 0.012, "images_per_study": 0.03,
+           "one_study_patients": 0.03, "studies_per_patient": 0.25, "AP": 0.03, "PA": 0.03, "LATERAL": 0.03}
+    for k, want in CHEXPERT.items():
+        assert abs(got[k] - want) <= tol[k], (k, got[k], want)
+    # the shares partition the images: alone + 1F1L + the rest (two frontals / two laterals / three images)
+    assert got["alone"] + got["one_plus_one"] + got["same_lat_mate"] == pytest.approx(1.0, abs=0.01)
+    studies = cohort.groupby("patient_id")["study_id"].nunique()
+    assert studies.max() >= 20            # CheXpert's long tail of frequent patients
+    comp = cohort.groupby("study_id")["laterality"].agg(lambda s: (int((s == "frontal").sum()), int((s == "lateral").sum())))
+    assert {(1, 0), (1, 1), (2, 0), (1, 2), (2, 1)} <= set(comp)
+    # single-image studies are portable AP films; PA studies come with a lateral (CheXpert: 98.6 % / 88 %)
+    first = cohort.drop_duplicates("study_id").set_index("study_id")["view"]
+    single = comp[comp == (1, 0)].index
+    assert first[single].isin(["AP", "AP_SUPINE"]).mean() > 0.9
+    pa = first[first == "PA"].index
+    assert (comp[pa] == (1, 1)).mean() > 0.8
+
+
+def test_label_shares_match_chexpert(cohort):
+    for c, want in CHEXPERT_LABEL_SHARES.items():
+        v = cohort[c]
+        got = ((v == 1).mean(), (v == -1).mean(), (v == 0).mean(), v.isna().mean())
+        for g, w, kind in zip(got, want, ("1", "-1", "0", "blank")):
+            assert abs(g - w) <= 0.03, (c, kind, round(g, 3), w)
+
+
+def test_nine_strategies_give_different_pair_groups(cohort):
+    t = cohort[cohort["patient_id"] < "p00600"].reset_index(drop=True)
+    groups = {}
+    for name in pairs.STRATEGIES:
+        if name == "instance":
+            continue
+        index = pairs.build_pair_index(t, name)
+        with_partner = ~index.fallback
+        assert with_partner.mean() > 0.02, name   # every strategy pairs some images with another image
+        groups[name] = (tuple(index.offsets), tuple(index.members))
+    assert len(groups) == 9
+    assert len(set(groups.values())) == 9          # no two strategies define the same pair groups
+    same_same = ~pairs.build_pair_index(t, "study-same_lat-same").fallback
+    assert 0.02 < same_same.mean() < 0.07           # CheXpert: 3.9 % of images have such a partner
+
+
+def test_study_images_share_labels_and_report(cohort):
     cols = list(CHEXPERT_LABELS) + ["report", "study_order", "patient_id"]
-    per_study = table[["study_id"] + cols].fillna(-9).astype(str).groupby("study_id").nunique()
+    per_study = cohort[["study_id"] + cols].fillna(-9).astype(str).groupby("study_id").nunique()
     assert (per_study == 1).all().all()
 
 
-def test_label_values_and_uncertainty(table):
-    studies = table.drop_duplicates("study_id")
+def test_label_conventions(cohort):
+    studies = cohort.drop_duplicates("study_id")
     for c in CHEXPERT_LABELS:
         assert set(studies[c].dropna().unique()) <= {1.0, 0.0, -1.0}
-    uncertain = {c: int((studies[c] == -1).sum()) for c in CHEXPERT_LABELS}
-    assert sum(v > 0 for v in uncertain.values()) >= 8, uncertain
-    assert uncertain["Pleural Effusion"] > 5 and uncertain["Cardiomegaly"] > 5
-    blank = studies[list(CHEXPERT_LABELS)].isna().mean().mean()
-    assert 0.4 < blank < 0.9          # CheXpert-like: most observations unmentioned
-    for c in ("Pleural Effusion", "Cardiomegaly", "Edema", "Support Devices", "Atelectasis"):
-        assert (studies[c] == 1).sum() > 10, c
-    # No Finding: 1 exactly when no pathology is positive or uncertain
     path = [c for c in CHEXPERT_LABELS if c not in ("No Finding", "Support Devices")]
     any_path = studies[path].isin([1.0, -1.0]).any(axis=1)
-    assert ((studies["No Finding"] == 1) == ~any_path).all()
-    assert studies["No Finding"].isin([1.0]).sum() > 20
+    assert not ((studies["No Finding"] == 1) & any_path).any()   # No Finding only without findings
+    assert studies["No Finding"].isin([0.0, -1.0]).sum() == 0
     # Lung Opacity is the parent of the parenchymal findings
     kids = ["Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis"]
     assert (studies.loc[(studies[kids] == 1).any(axis=1), "Lung Opacity"] == 1).all()
-    # findings evolve: some patients change labels between studies, some keep them
-    eff = table.drop_duplicates("study_id").groupby("patient_id")["Pleural Effusion"].agg(lambda s: s.fillna(0).nunique())
-    assert (eff > 1).sum() > 5
+    # findings persist and change across a patient's studies (CheXpert: P(1 | previous 1) = 0.71, else 0.29)
+    s = studies.sort_values(["patient_id", "study_order"])
+    pos = (s["Pleural Effusion"] == 1).to_numpy()
+    same = s["patient_id"].to_numpy()[1:] == s["patient_id"].to_numpy()[:-1]
+    after_pos, after_neg = pos[1:][same & pos[:-1]].mean(), pos[1:][same & ~pos[:-1]].mean()
+    assert after_pos > 0.55 and after_neg < 0.4 and after_pos > after_neg + 0.25, (after_pos, after_neg)
 
 
 # Words that mention a finding, negation / hedging cues (independent of the module's templates).
@@ -114,7 +201,7 @@ TERMS = {
     "Lung Lesion": r"nodul|mass\b",
     "Pleural Other": r"thickening|pleural cap",
     "Enlarged Cardiomediastinum": r"mediastin",
-    "Support Devices": r"tube|catheter|pacemaker|\bline\b|drain|device",
+    "Support Devices": r"tube|catheter|pacemaker|(?<!pleural )\bline\b|drain|device",
 }
 NEG = r"\bno\b|\bnot\b|without|normal|resolution|resolved|negative"
 HEDGE = r"possib|may |cannot be excluded|questionable|could|suspicious|borderline"
@@ -143,16 +230,62 @@ def test_reports_agree_with_labels(table):
                 # a negative finding may be negated or unmentioned, never asserted
                 assert all(re.search(NEG, s) for s in mentions), (c, row["report"])
             elif v == -1.0:
-                assert mentions and all(re.search(HEDGE, s) or re.search(NEG, s) for s in mentions if re.search(pat, s)), (c, row["report"])
+                assert mentions and all(re.search(HEDGE, s) or re.search(NEG, s) for s in mentions), (c, row["report"])
                 assert any(re.search(HEDGE, s) for s in mentions), (c, row["report"])
             elif c not in ("Support Devices", "Cardiomegaly", "Enlarged Cardiomediastinum"):
                 assert not mentions, (c, row["report"])   # blank = not mentioned
             checked[v if v == v else 1.0] += 1 if v == v else 0
     assert min(checked.values()) > 50
-    # negations for a subset of negatives, and varied wording
-    assert studies["report"].str.contains("No pleural effusion|no pleural effusion|No effusion").sum() > 30
-    assert studies["report"].str.contains("There is no pneumothorax").sum() > 5
+    assert studies["report"].str.contains("No pleural effusion|no pleural effusion|No effusion").sum() > 20
     assert studies["report"].nunique() > 0.8 * len(studies)
+    # the examination line names the study's images
+    for _, row in studies.iterrows():
+        exam = row["report"].split("\n")[0].lower()
+        views = table.loc[table["study_id"] == row["study_id"], "view"].tolist()
+        assert ("lateral" in exam) == ("LATERAL" in views), (exam, views)
+
+
+def _effusion_word(report: str) -> str | None:
+    m = re.search(r"\b(small|moderate|large)\b[^.]*effusion", report.lower())
+    return m.group(1) if m else None
+
+
+def test_effusion_reports_carry_severity_words(cohort):
+    studies = cohort.drop_duplicates("study_id")
+    pos = studies[studies["Pleural Effusion"] == 1]
+    words = pos["report"].map(_effusion_word)
+    assert words.notna().mean() > 0.6                # most positive reports grade the effusion
+    share = words.value_counts(normalize=True)
+    assert share["small"] > share["moderate"] > 0.1 and share["large"] > 0.05, share.to_dict()
+    # a negative or blank study never calls an effusion small/moderate/large
+    assert studies.loc[studies["Pleural Effusion"] != 1, "report"].map(_effusion_word).isna().all()
+
+
+def _effusion_footprint(row, size=64) -> float:
+    """Pixels brightened by the row's own effusion: its image minus the same row with effusion 0."""
+    clean = _edit(row, Pleural_Effusion=0.0)
+    a = phantom.render_image(row, size).astype(float)
+    b = phantom.render_image(clean, size).astype(float)
+    return float(((a - b) > 25).sum())
+
+
+def test_effusions_are_graded_and_match_their_report_word(cohort):
+    pa = cohort[(cohort["view"] == "PA") & (cohort["Pleural Effusion"] == 1)].drop_duplicates("study_id").head(60)
+    foot = np.array([_effusion_footprint(r) for _, r in pa.iterrows()])
+    words = pa["report"].map(_effusion_word).to_numpy()
+    # graded: many positives are subtle (a few pixels at 64 px), few are large
+    assert (foot < 40).mean() > 0.35 and (foot > 150).mean() > 0.05, np.sort(foot)
+    by_word = {w: foot[words == w].mean() for w in ("small", "moderate", "large") if (words == w).any()}
+    assert by_word["small"] < by_word.get("moderate", np.inf) < by_word.get("large", np.inf), by_word
+    # the same study's lateral image shows the fluid too (posterior sulcus)
+    lat = cohort[(cohort["view"] == "LATERAL") & (cohort["Pleural Effusion"] == 1)]
+    big = [r for _, r in lat.iterrows() if _effusion_word(r["report"]) in ("moderate", "large")][:6]
+    assert len(big) >= 3 and all(_effusion_footprint(r) > 20 for r in big)
+
+
+def test_demo_cohort_has_enough_effusion_positives_in_test():
+    t = phantom.make_table(DEMO_PATIENTS, seed=0)
+    assert ((t["split"] == "test") & (t["Pleural Effusion"] == 1)).sum() >= 30
 
 
 def test_make_table_is_deterministic():
@@ -164,6 +297,13 @@ def test_make_table_is_deterministic():
     # a patient does not depend on how many patients were generated
     big = phantom.make_table(40, seed=3)
     pd.testing.assert_frame_equal(big[big["patient_id"].isin(a["patient_id"])].reset_index(drop=True), a)
+    # a shorter cap keeps each patient's first studies unchanged (the course is prefix-stable)
+    cut = phantom.make_table(25, seed=3, max_studies=2)
+    assert cut.groupby("patient_id")["study_id"].nunique().max() == 2
+    common = sorted(set(cut["study_id"]) & set(a["study_id"]))
+    assert len(common) >= 25
+    pd.testing.assert_frame_equal(cut[cut["study_id"].isin(common)].reset_index(drop=True),
+                                  a[a["study_id"].isin(common)].reset_index(drop=True))
 
 
 def test_render_is_deterministic_and_row_local(small):
@@ -179,7 +319,7 @@ def test_render_is_deterministic_and_row_local(small):
     other = phantom.render_images(phantom.make_table(12, seed=6), size=SIZE)
     assert not np.array_equal(other[0], imgs[0])
     # two images of one study are different images
-    st = small.groupby("study_id").filter(lambda g: len(g) == 2)
+    st = small.groupby("study_id").filter(lambda g: len(g) >= 2)
     assert len(st) >= 2
     i, j = st.index[:2]
     assert np.abs(imgs[i].astype(int) - imgs[j].astype(int)).mean() > 10
@@ -198,7 +338,8 @@ def test_images_use_full_range(small):
 
 
 def _pa_rows(table, n):
-    rows = table[(table["view"] == "PA")].drop_duplicates("patient_id")
+    """PA images of n patients from studies without an effusion (labels edited below add one)."""
+    rows = table[(table["view"] == "PA") & table["Pleural Effusion"].isna()].drop_duplicates("patient_id")
     return [r for _, r in rows.head(n).iterrows()]
 
 
@@ -213,16 +354,17 @@ def test_effusion_brightens_costophrenic_region(table):
         b = phantom.render_image(eff, SIZE).astype(float)
         lo, hi = sorted((side * 0.45, side * 0.7))
         base_a, base_b = _region(a, lo, hi, 0.25, 0.45), _region(b, lo, hi, 0.25, 0.45)
-        assert base_b > base_a + 15, (row["image_id"], base_a, base_b)
+        assert base_b > base_a + 10, (row["image_id"], base_a, base_b)
         # the apex is not affected
         assert abs(_region(a, lo, hi, -0.55, -0.35) - _region(b, lo, hi, -0.55, -0.35)) < 15
     # lateral view: the posterior sulcus fills
-    lat = table[table["view"] == "LATERAL"].drop_duplicates("patient_id").head(5)
+    lat = table[(table["view"] == "LATERAL") & table["Pleural Effusion"].isna()].drop_duplicates("patient_id").head(5)
     for _, row in lat.iterrows():
         clean = _edit(row, Pleural_Effusion=0.0)
         a = phantom.render_image(clean, SIZE).astype(float)
         b = phantom.render_image(_edit(clean, Pleural_Effusion=1.0), SIZE).astype(float)
-        assert _region(b, 0.25, 0.55, 0.2, 0.45) > _region(a, 0.25, 0.55, 0.2, 0.45) + 10, row["image_id"]
+        brighter = (b - a > 10)[SIZE // 3:, SIZE // 2:]   # the posterior lower quadrant (spine to the right)
+        assert brighter.sum() > 100 and (b - a < -10).sum() < 10, row["image_id"]
 
 
 def _heart_width(img, y):
@@ -267,13 +409,18 @@ def test_devices_are_bright_lines(table):
 
 
 def _small_frontal(img):
-    x = img.astype(float).reshape(16, img.shape[0] // 16, 16, img.shape[1] // 16).mean(axis=(1, 3)).ravel()
-    return (x - x.mean()) / (x.std() + 1e-9)
+    """16 x 16 block means of the central 3/4 (no collimation edge or marker), rank-normalised (no tone curve)."""
+    n = img.shape[0]
+    c = img[n // 8: n - n // 8, n // 8: n - n // 8].astype(float)
+    m = c.shape[0] // 16 * 16
+    x = c[:m, :m].reshape(16, m // 16, 16, m // 16).mean(axis=(1, 3)).ravel()
+    x = x.argsort().argsort().astype(float)
+    return (x - x.mean()) / x.std()
 
 
 def test_same_patient_images_are_more_similar(table):
     fr = table[(table["laterality"] == "frontal")]
-    multi = fr.groupby("patient_id").filter(lambda g: len(g) >= 2)
+    multi = fr.groupby("patient_id").filter(lambda g: g["study_id"].nunique() >= 2).drop_duplicates("study_id")
     pids = list(multi["patient_id"].unique()[:20])
     feats = {}
     for pid in pids:
@@ -293,3 +440,6 @@ def test_sample_grid_and_cli(tmp_path, capsys):
     phantom.main([f"--grid={tmp_path / 'h.png'}", "--patients=2", "--size=64"])
     assert "wrote" in capsys.readouterr().out
     assert (tmp_path / "h.png").exists()
+    r = subprocess.run([sys.executable, "-m", "cxrjax.data.phantom", "--bench=4", "--size=32"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "images/s" in r.stdout, r.stderr
