@@ -2,7 +2,7 @@ r"""Prepare a dataset for training: canonical table, sharded records, pair-group
 
     python -m cxrjax.prepare --source=phantom --out=data/phantom                     # built-in synthetic data
     python -m cxrjax.prepare --source=shared --src=../shared/data --out=data/shared  # COVID-19 collection + NIH subset
-    python -m cxrjax.prepare --source=chexpert --src=/data/chexpert --out=data/chexpert --size=320
+    python -m cxrjax.prepare --source=chexpert --src=/data/chexpert --out=data/chexpert --size=320 --fit=shorter
     python -m cxrjax.prepare --source=chexpert --src=/data/chexpert --out=OUT --pairs_only   # metadata only
     python -m cxrjax.prepare --source=phantom --out=data/phantom_raw --pixels=raw     # raw pixels: no decode per read
     python -m cxrjax.prepare --source=csv --src=my.csv --csv_mapping=path=File,patient_id=PID --out=OUT
@@ -14,9 +14,12 @@ Writes into --out:
     reports.parquet          unpaired report text (with --reports)
     manifest.json            counts per split/view/label, bad inputs with path and reason, group-size statistics
 
-Images are fitted to --size x --size keeping the aspect ratio: by default the longer side is scaled to
---size and the shorter one padded with black (--fit=pad, nothing of the anatomy is lost);
---fit=crop scales the shorter side and cuts the centre. Re-running with the same settings resumes an
+Images keep their aspect ratio: by default the longer side is scaled to --size and the shorter one
+padded with black (--fit=pad, nothing of the anatomy is lost); --fit=crop scales the shorter side and
+cuts the centre; --fit=shorter scales the shorter side to --size (MedAug's Resize(320)) and keeps the
+longer side up to --max_aspect times that, stored centred in a square of --size x --max_aspect (what
+MedAug's geometry, augment.geometry=shorter_side_crop, needs). Every record also holds its content box,
+so augmentation never mistakes the black for anatomy. Re-running with the same settings resumes an
 interrupted run and never duplicates records.
 """
 
@@ -113,6 +116,7 @@ def prepare_dataset(
     src=None,
     size: int = 256,
     fit: str = "pad",
+    max_aspect: float = images.MAX_ASPECT,
     bit_depth: int = 8,
     pixels: str = "png",
     workers: int = 0,
@@ -158,7 +162,7 @@ def prepare_dataset(
     else:
         image_source = records.PhantomImages() if source == "phantom" else records.FileImages(str(root), bit_depth)
         settings = records.WriteSettings(str(out), name, size, fit, bit_depth, compress_level, image_source,
-                                         pixels=pixels)
+                                         pixels=pixels, max_aspect=max_aspect)
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -174,7 +178,8 @@ def prepare_dataset(
         bad += [{"path": f["path"], "image_id": f["image_id"], "reason": f["reason"]} for f in result.failed]
         record_info = {
             "dir": f"{name}/{records.RECORD_VERSION}", "shard_lengths": result.shard_lengths,
-            "shards_written_this_run": result.written, "size": size, "fit": fit, "bit_depth": bit_depth,
+            "shards_written_this_run": result.written, "size": size, "canvas": settings.canvas, "fit": fit,
+            "max_aspect": max_aspect if fit == "shorter" else None, "bit_depth": bit_depth,
             "pixels": pixels, "compress_level": compress_level,
             "bytes": int(sum(f.stat().st_size for f in settings.records_dir.glob("*.array_record-*"))),
         }
@@ -241,7 +246,7 @@ def main(argv) -> None:
     del argv
     f = flags.FLAGS
     manifest = prepare_dataset(
-        f.source, f.out, src=f.src, size=f.size, fit=f.fit, bit_depth=f.bit_depth, pixels=f.pixels, workers=f.workers,
+        f.source, f.out, src=f.src, size=f.size, fit=f.fit, max_aspect=f.max_aspect, bit_depth=f.bit_depth, pixels=f.pixels, workers=f.workers,
         shard_size=f.shard_size, compress_level=f.compress_level, name=f.name, strategies=f.strategies,
         include_self=f.include_self, pairs_only=f.pairs_only, patients=f.patients, seed=f.seed,
         csv_mapping=f.csv_mapping, image_ext=f.image_ext, reports=f.reports, progress=True,
@@ -257,7 +262,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("src", None, "Dataset folder (or CSV file for --source=csv).")
     flags.DEFINE_string("out", None, "Output folder (created; re-running resumes).")
     flags.DEFINE_integer("size", 256, "Prepared square image size in pixels.")
-    flags.DEFINE_enum("fit", "pad", list(images.FIT_MODES), "pad: keep all anatomy, pad with black; crop: centre crop.")
+    flags.DEFINE_enum("fit", "pad", list(images.FIT_MODES),
+                      "pad: keep all anatomy, pad with black; crop: centre crop; shorter: shorter side = --size, "
+                      "aspect kept (MedAug)")
+    flags.DEFINE_float("max_aspect", images.MAX_ASPECT, "--fit=shorter: longest kept side / shorter side.")
     flags.DEFINE_integer("bit_depth", 8, "8- or 16-bit PNG records (16 for DICOM sources).")
     flags.register_validator("bit_depth", lambda v: v in (8, 16), message="--bit_depth must be 8 or 16")
     flags.DEFINE_enum("pixels", "png", list(records.PIXEL_FORMATS),

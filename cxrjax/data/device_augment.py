@@ -225,19 +225,21 @@ def eval_batch(images: jax.Array, cfg: augment_lib.AugmentConfig) -> jax.Array:
     return augment_lib.normalize(x, max_value=max_value)[..., None]
 
 
-def to_views(images: jax.Array, seeds: jax.Array | None, cfg: augment_lib.AugmentConfig, dtype=jnp.float32):
+def to_views(images: jax.Array, seeds: jax.Array | None, cfg: augment_lib.AugmentConfig, dtype=jnp.float32,
+             boxes: jax.Array | None = None):
     """Pipeline images -> normalised float views (n, S, S, 1), inside the jitted train step.
 
     ``seeds`` (n, 2) present (batches made with ``where="device"``): `augment_batch` draws and applies
-    the augmentation here. ``seeds`` None (host-augmented batches): the views are finished, only
-    normalised -- by the pixels' own range (uint8: 255, uint16: 65535), so 16-bit records give the
-    same views as 8-bit ones.
+    the augmentation here, within each image's content ``boxes`` (n, 4) when given. ``seeds`` None
+    (host-augmented batches): the views are finished, only normalised -- by the pixels' own range
+    (uint8: 255, uint16: 65535), so 16-bit records give the same views as 8-bit ones.
     """
     if seeds is None:
         return augment_lib.normalize(images, max_value=_max_value(images.dtype)).astype(dtype)
     lead = images.shape[:-3] if images.ndim == seeds.ndim + 2 else images.shape[:-2]
     flat = images.reshape((-1,) + images.shape[len(lead):])
-    out = augment_batch(flat, seeds.reshape(-1, 2), cfg)
+    flat_boxes = None if boxes is None else boxes.reshape(-1, 4)
+    out = augment_batch(flat, seeds.reshape(-1, 2), cfg, flat_boxes)
     return out.reshape(lead + out.shape[1:]).astype(dtype)
 
 
@@ -247,9 +249,10 @@ def contrastive_views(batch: dict, cfg: augment_lib.AugmentConfig, dtype=jnp.flo
     Batches made with `where="device"` carry `query_seed` / `key_seed` (/ `hard_negative_seeds`) and
     are augmented here; host-augmented batches are only normalised. Call inside the jitted train step.
     """
-    x_q = to_views(batch["query"], batch.get("query_seed"), cfg, dtype)
-    x_k = to_views(batch["key"], batch.get("key_seed"), cfg, dtype)
+    x_q = to_views(batch["query"], batch.get("query_seed"), cfg, dtype, batch.get("query_box"))
+    x_k = to_views(batch["key"], batch.get("key_seed"), cfg, dtype, batch.get("key_box"))
     hard = None
     if "hard_negatives" in batch:
-        hard = to_views(batch["hard_negatives"], batch.get("hard_negative_seeds"), cfg, dtype)
+        hard = to_views(batch["hard_negatives"], batch.get("hard_negative_seeds"), cfg, dtype,
+                        batch.get("hard_negative_boxes"))
     return x_q, x_k, hard

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FIT_MODES = ("pad", "crop")
+FIT_MODES = ("pad", "crop", "shorter")
+MAX_ASPECT = 1.25  # fit="shorter": the longer side is kept up to this many times the shorter one
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # Decompression-bomb limit: the largest image a file may declare. The largest chest detectors are
@@ -93,12 +94,28 @@ def load_image(path: str | Path, bit_depth: int = 8) -> np.ndarray:
     return a
 
 
-def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """Fit to a size x size square keeping the aspect ratio.
+def canvas_size(size: int, mode: str = "pad", max_aspect: float = MAX_ASPECT) -> int:
+    """Side of the square a fitted image is stored in: `size`, or for fit="shorter" the room for a
+    longer side of up to `max_aspect` x `size`."""
+    return int(round(size * max_aspect)) if mode == "shorter" else size
+
+
+def fit_image(image: np.ndarray, size: int, mode: str = "pad", max_aspect: float = MAX_ASPECT) -> np.ndarray:
+    """`fit_image_box` without the box."""
+    return fit_image_box(image, size, mode, max_aspect)[0]
+
+
+def fit_image_box(image: np.ndarray, size: int, mode: str = "pad",
+                  max_aspect: float = MAX_ASPECT) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Fit into a square keeping the aspect ratio; returns (square, content box (top, left, h, w)).
 
     pad: scale the longer side to `size` and pad the shorter one symmetrically with black (nothing
-         of the anatomy is lost; the default).
+         of the anatomy is lost; the default). The box is the image without its bars.
     crop: scale the shorter side to `size` and cut the centre (what torchvision's Resize+CenterCrop does).
+    shorter: scale the shorter side to `size` (MedAug's Resize(size), aspect kept), keep the longer
+         side up to `max_aspect` x `size` (centre-cropped beyond), and store it centred in a square of
+         `canvas_size` with black around it; the box says where, so augmentation crops the image
+         itself (MedAug's RandomCrop(size) slides along the longer side) and never the black.
     """
     if mode not in FIT_MODES:
         raise ValueError(f"fit mode must be one of {FIT_MODES}, got {mode!r}")
@@ -113,14 +130,19 @@ def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
         resized = np.clip(np.asarray(im), 0, 65535).astype(np.uint16) if wide else np.asarray(im)
     else:
         resized = image
-    out = np.zeros((size, size), image.dtype)
-    if mode == "pad":
-        top, left = (size - nh) // 2, (size - nw) // 2
-        out[top : top + nh, left : left + nw] = resized
-    else:
+    side = canvas_size(size, mode, max_aspect)
+    out = np.zeros((side, side), image.dtype)
+    if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
         out[:] = resized[top : top + size, left : left + size]
-    return out
+        return out, (0, 0, size, size)
+    if mode == "shorter":  # cut the longer side to the canvas if it is longer still
+        ch, cw = min(nh, side), min(nw, side)
+        resized = resized[(nh - ch) // 2 : (nh - ch) // 2 + ch, (nw - cw) // 2 : (nw - cw) // 2 + cw]
+        nh, nw = ch, cw
+    top, left = (side - nh) // 2, (side - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out, (top, left, nh, nw)
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:

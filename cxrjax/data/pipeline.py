@@ -371,6 +371,11 @@ class ShardedRecords:
     def image(self, record: int) -> np.ndarray:
         return self.features(record, ("image",))["image"]
 
+    def image_and_box(self, record: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image and its content box (top, left, height, width), None when the records hold none
+        (the whole image is content)."""
+        return self.image(record), None
+
 
 class RecordReader(ShardedRecords):
     """Random access to the raw records of one split, and their decoding (no TensorFlow).
@@ -403,6 +408,10 @@ class RecordReader(ShardedRecords):
         except Exception as e:
             raise RecordError(self.report(record, f"undecodable: {type(e).__name__}: {e}")) from None
 
+    def image_and_box(self, record: int) -> tuple[np.ndarray, np.ndarray | None]:
+        f = self.features(record, ("image", "box"))
+        return f["image"], f["box"]
+
 
 def open_reader(data: PreparedData):
     """The reader of a prepared folder's split: its own records (`RecordReader`), or -- when its
@@ -421,6 +430,9 @@ def decode_record(raw: bytes, want=("image",), fmt: records.ImageFormat | None =
     feature = tf_example_pb2.Example.FromString(raw).features.feature
     out = {}
     for key in want:
+        if key == "box" and key not in feature:  # records from before content boxes: all of it
+            out[key] = None
+            continue
         if key not in feature:
             raise ValueError(f"record has no feature {key!r}")
         f = feature[key]
@@ -438,6 +450,8 @@ def decode_record(raw: bytes, want=("image",), fmt: records.ImageFormat | None =
             out[key] = int(f.int64_list.value[0])
         elif key == "labels":
             out[key] = np.asarray(f.float_list.value, np.float32)
+        elif key == "box":
+            out[key] = np.asarray(f.int64_list.value, np.int32)
         else:
             out[key] = f.bytes_list.value[0].decode("utf-8")
     return out
@@ -481,7 +495,8 @@ def _device_input_size(data: PreparedData, aug: augment_lib.AugmentConfig) -> in
     """Side of the square images handed to on-device augmentation: the prepared records' size
     (manifest.json), else -- a source whose images vary in size -- the training size."""
     try:
-        size = json.loads((Path(data.out) / "manifest.json").read_text()).get("records", {}).get("size")
+        rec = json.loads((Path(data.out) / "manifest.json").read_text()).get("records", {})
+        size = rec.get("canvas") or rec.get("size")
     except (OSError, ValueError, AttributeError):
         size = None
     return int(size) if size else int(aug.size)
@@ -499,14 +514,21 @@ class ContrastiveExample:
         self.on_device = augment_lib.resolve_where(cfg.augment.where) == "device"
         self.input_size = _device_input_size(data, cfg.augment) if self.on_device else 0
 
-    def view(self, image: np.ndarray, epoch: int, row: int, slot: int) -> np.ndarray:
-        """Host: the augmented view. Device: the prepared pixels (augmented in the step); images of
-        another shape (a foreign TFDS source) are padded to the common square the batch needs."""
+    def view(self, image: np.ndarray, box, epoch: int, row: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(view, content box). Host: the augmented view (the box then covers all of it). Device: the
+        prepared pixels and their box (augmented in the step); images of another shape (a foreign TFDS
+        source) are padded to the common square the batch needs, their box moved with them."""
         if self.on_device:
+            h, w = image.shape
+            box = np.array([0, 0, h, w], np.float32) if box is None else np.asarray(box, np.float32)
             if image.shape != (self.input_size, self.input_size):
-                image = images.fit_image(image, self.input_size, "pad")
-            return image
-        return augment_lib.augment(image, self.aug, augment_lib.example_rng(self.seed, epoch, row, slot))
+                image, (top, left, nh, _) = images.fit_image_box(image, self.input_size, "pad")
+                scale = nh / h
+                box = np.array([top + scale * box[0], left + scale * box[1], scale * box[2], scale * box[3]],
+                               np.float32)
+            return image, box
+        rng = augment_lib.example_rng(self.seed, epoch, row, slot)
+        return augment_lib.augment(image, self.aug, rng, box), None
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, record = item
@@ -514,9 +536,10 @@ class ContrastiveExample:
         row = int(d.split_rows[record])
         partner = pairs.positive_of(d.positives, row, self.seed, epoch)
         try:
-            image = self.reader.image(record)
-            other = image if partner == row else self.reader.image(int(d.record_of_row[partner]))
-            query, key = self.view(image, epoch, row, 0), self.view(other, epoch, row, 1)
+            image, box = self.reader.image_and_box(record)
+            other, other_box = ((image, box) if partner == row else
+                                self.reader.image_and_box(int(d.record_of_row[partner])))
+            (query, q_box), (key, k_box) = self.view(image, box, epoch, row, 0), self.view(other, other_box, epoch, row, 1)
             ex = {
                 "query": query[..., None], "key": key[..., None],
                 "row": np.int64(row), "partner_row": np.int64(partner), "epoch": np.int32(epoch),
@@ -527,16 +550,22 @@ class ContrastiveExample:
             if self.on_device:
                 ex["query_seed"] = augment_lib.view_seed(self.seed, epoch, row, 0)
                 ex["key_seed"] = augment_lib.view_seed(self.seed, epoch, row, 1)
+                ex["query_box"], ex["key_box"] = q_box, k_box
             if self.k:
                 hard = pairs.sample_hard_negatives(d.hard, np.array([row]), self.k, self.seed, epoch)[0]
                 imgs = np.zeros((self.k, *query.shape, 1), query.dtype)
+                boxes = np.tile(np.array([0, 0, *query.shape], np.float32), (self.k, 1))
                 for j, h in enumerate(hard):
                     if h >= 0:
-                        imgs[j, ..., 0] = self.view(self.reader.image(int(d.record_of_row[h])), epoch, row, 2 + j)
+                        v, v_box = self.view(*self.reader.image_and_box(int(d.record_of_row[h])), epoch, row, 2 + j)
+                        imgs[j, ..., 0] = v
+                        if v_box is not None:
+                            boxes[j] = v_box
                 ex["hard_negatives"], ex["hard_negative_rows"] = imgs, hard.astype(np.int64)
                 if self.on_device:
                     ex["hard_negative_seeds"] = np.stack(
                         [augment_lib.view_seed(self.seed, epoch, row, 2 + j) for j in range(self.k)])
+                    ex["hard_negative_boxes"] = boxes
         except RecordError as e:
             return _corrupt(e.report)
         return ex
@@ -553,7 +582,8 @@ class EvalExample:
         d = self.data
         row = int(d.split_rows[record])
         try:
-            image = augment_lib.eval_transform(self.reader.image(record), self.aug)
+            image, box = self.reader.image_and_box(record)
+            image = augment_lib.eval_transform(image, self.aug, box)
         except RecordError as e:
             return _corrupt(e.report)
         return {"image": image[..., None], "labels": d.labels[row], "row": np.int64(row), "epoch": np.int32(epoch),

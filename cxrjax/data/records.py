@@ -66,6 +66,9 @@ def record_features(bit_depth: int = 8, pixels: str = "png", size: int | None = 
     return tfds.features.FeaturesDict(
         {
             "image": image_feature(bit_depth, pixels, size),
+            # Where the image lies in the stored square (top, left, height, width): padded / `shorter`
+            # records hold black around it, which augmentation must not treat as anatomy.
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
             **{name: tfds.features.Text() for name in TEXT_FEATURES},
             "study_order": np.int64,
             # The 14 CheXpert observations in schema.CHEXPERT_LABELS order: 1, 0, -1 or NaN (blank).
@@ -84,8 +87,10 @@ class FileImages:
     root: str
     bit_depth: int = 8
 
-    def __call__(self, row: dict, size: int, fit: str) -> np.ndarray:
-        return images.fit_image(images.load_image(Path(self.root) / row["path"], self.bit_depth), size, fit)
+    def __call__(self, row: dict, size: int, fit: str, max_aspect: float = images.MAX_ASPECT):
+        """(stored square, content box) of one row's image file."""
+        return images.fit_image_box(images.load_image(Path(self.root) / row["path"], self.bit_depth), size, fit,
+                                    max_aspect)
 
     def describe(self) -> str:
         return f"files:{Path(self.root).resolve()}:{self.bit_depth}"
@@ -95,12 +100,13 @@ class FileImages:
 class PhantomImages:
     """Images rendered by the phantom generator from the row itself (no files)."""
 
-    def __call__(self, row: dict, size: int, fit: str) -> np.ndarray:
+    def __call__(self, row: dict, size: int, fit: str, max_aspect: float = images.MAX_ASPECT):
+        """(stored square, content box): the rendered (size, size) radiograph, fitted like a file's."""
         from cxrjax.data import phantom
 
         if multiprocessing.parent_process() is not None:
             phantom.tune_allocator()  # a dedicated worker process: the allocator tweak doubles throughput
-        return phantom.render_image(row, size=size)
+        return images.fit_image_box(phantom.render_image(row, size=size), size, fit, max_aspect)
 
     def describe(self) -> str:
         return "phantom"
@@ -133,10 +139,16 @@ class WriteSettings:
     compress_level: int
     image_source: Callable
     pixels: str = "png"
+    max_aspect: float = images.MAX_ASPECT  # fit="shorter"
 
     def __post_init__(self):
         if self.pixels not in PIXEL_FORMATS:
             raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {self.pixels!r}")
+
+    @property
+    def canvas(self) -> int:
+        """Side of the stored square images (`size`, or more for fit="shorter")."""
+        return images.canvas_size(self.size, self.fit, self.max_aspect)
 
     @property
     def records_dir(self) -> Path:
@@ -166,6 +178,8 @@ def plan_shards(table: pd.DataFrame, settings: WriteSettings, shard_size: int) -
                    settings.compress_level, split, ids[positions].tolist()]
             if settings.pixels != "png":  # keeps the fingerprints of existing PNG shards unchanged
                 key.append(settings.pixels)
+            if settings.fit == "shorter":
+                key.append(settings.max_aspect)
             key = json.dumps(key)
             tasks.append(ShardTask(split, index, count, positions, hashlib.sha256(key.encode()).hexdigest()))
     return tasks
@@ -212,7 +226,7 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     """Write one shard (atomically) and its progress file; returns the progress record."""
     from array_record.python import array_record_module
 
-    which = (settings.bit_depth, settings.pixels, settings.size)
+    which = (settings.bit_depth, settings.pixels, settings.canvas)
     serialize = _SERIALIZERS.get(which)
     if serialize is None:
         serialize = _SERIALIZERS[which] = _Serializer(*which)
@@ -223,10 +237,11 @@ def write_shard(task: ShardTask, settings: WriteSettings) -> dict:
     try:
         for row in task.rows:
             try:
-                image = settings.image_source(row, settings.size, settings.fit)
+                image, box = settings.image_source(row, settings.size, settings.fit, settings.max_aspect)
                 example = {
                     **{name: str(row[name]) for name in TEXT_FEATURES},
                     "image": _image_value(image, settings),
+                    "box": np.asarray(box, np.int32),
                     "study_order": int(row["study_order"]),
                     "labels": np.asarray([row[c] for c in schema.CHEXPERT_LABELS], np.float32),
                 }
@@ -249,8 +264,8 @@ def _image_value(image: np.ndarray, settings: WriteSettings):
         return images.encode_png(image, settings.compress_level)
     image = np.asarray(image)
     image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-    if image.shape != (settings.size, settings.size):
-        raise ValueError(f"image has shape {image.shape}, raw records need ({settings.size}, {settings.size})")
+    if image.shape != (settings.canvas, settings.canvas):
+        raise ValueError(f"image has shape {image.shape}, raw records need ({settings.canvas}, {settings.canvas})")
     return image
 
 
@@ -362,11 +377,11 @@ def _write_tfds_metadata(settings: WriteSettings, shard_lengths: dict) -> None:
                                                filename_template=template))
     tfds.folder_dataset.write_metadata(
         data_dir=settings.records_dir,
-        features=record_features(settings.bit_depth, settings.pixels, settings.size),
+        features=record_features(settings.bit_depth, settings.pixels, settings.canvas),
         split_infos=split_infos,
         filename_template=FILENAME_TEMPLATE,
         description=(
-            f"Chest radiographs prepared by cxrjax at {settings.size}x{settings.size} ({settings.fit}), "
+            f"Chest radiographs prepared by cxrjax at {settings.canvas}x{settings.canvas} ({settings.fit}, size {settings.size}), "
             f"{settings.bit_depth}-bit {'PNG' if settings.pixels == 'png' else 'raw pixels'}, with the canonical metadata. Join with table.parquet on image_id."
         ),
         check_data=False,

@@ -11,6 +11,7 @@ this; each reads its own slice of the records, process 0 alone writes logs and f
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -29,13 +30,12 @@ from cxrjax.data import pairs
 from cxrjax.data import pipeline
 from cxrjax.models import moco
 from cxrjax.train import checkpoint as ckpt_lib
+from cxrjax.train import curves
+from cxrjax.train import flops as flops_lib
 from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
-
-# Peak dense bf16 TFLOP/s per device for the MFU metric (device_kind prefix -> peak); CPU has none.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
-               "NVIDIA A100": 312.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0}
-
+from cxrjax.train import preemption
+from cxrjax.train.workdir import workdir_path
 
 @struct.dataclass
 class TrainState:
@@ -69,6 +69,7 @@ def default_config():
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    c.checkpoint_atomicity = "auto"  # 'rename' / 'commit_file' (gs://, gcsfuse); train/checkpoint.py
     c.require_accelerator = False  # True: stop at start-up when JAX would train on the CPU
 
     # Prepared data (python -m cxrjax.prepare); empty dir = the phantom data set, prepared and cached.
@@ -147,10 +148,12 @@ def apply_variants(c, arg: str | None):
             c.phantom.patients, c.phantom.size = 120, 64
             c.augment.size = 56
             c.model.update(arch="resnet18", width=16, init="random")
-            c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 60, 10, 20
-            c.moco.queue_size = 256
+            c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 150, 25, 50
+            # a queue that is a small part of the ~340 training images (a queue holding most of them is
+            # mostly stale keys of the query's own image), and a key encoder that follows in ~100 steps
+            c.moco.queue_size, c.moco.momentum = 64, 0.99
             c.data.num_workers = 0
-            c.optim.update(lr=1e-3, schedule="constant")  # a visible loss decrease within 60 steps from random init
+            c.optim.update(lr=1e-3, schedule="constant")  # from random init: a visible decrease in 150 steps
         elif v == "exclude-self":
             c.data.include_self = False
         elif v == "padded":
@@ -202,17 +205,41 @@ def prepared_data_dir(config, note) -> str:
     ph = config.phantom
     cache = Path(os.environ.get("CXRJAX_CACHE", Path.home() / ".cache" / "cxrjax"))
     d = cache / f"phantom-p{ph.patients}-s{ph.size}-seed{ph.seed}"
-    if not (d / "manifest.json").is_file():
-        note(f"No data.dir: preparing the phantom data set ({ph.patients} patients, {ph.size}px) in {d} ...")
-        from cxrjax import prepare
-
-        if jax.process_index() == 0:
-            prepare.prepare_dataset("phantom", d, patients=ph.patients, size=ph.size, seed=ph.seed, progress=True)
-    distributed.barrier("cxrjax: phantom prepared")  # the others read what process 0 wrote
+    prepare_phantom_once(d, ph, note)
+    distributed.barrier("cxrjax: phantom prepared")
     return str(d)
 
 
-def pipeline_config(config, data_dir: str) -> pipeline.PipelineConfig:
+def prepare_phantom_once(d: Path, ph, note) -> None:
+    """Prepare the phantom into `d` unless it is there. Every process calls this: hosts that do not
+    share a home directory each write their own copy (the phantom is a pure function of its settings),
+    and on a shared filesystem a file lock lets one process write while the others wait for it."""
+    import fcntl
+
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f".{d.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (d / "manifest.json").is_file():
+            return
+        note(f"No data.dir: preparing the phantom data set ({ph.patients} patients, {ph.size}px) in {d} ...")
+        from cxrjax import prepare
+
+        prepare.prepare_dataset("phantom", d, patients=ph.patients, size=ph.size, seed=ph.seed,
+                                progress=jax.process_index() == 0)
+
+
+def resolve_workers(requested: int, previous_run: dict | None) -> int:
+    """The number of decode processes. Batch composition depends on it (each worker batches its own
+    slice of the records), so it is part of the resume fingerprint: an automatic count (-1) is the one
+    the run started with when it is resumed (on any node), else `pipeline.auto_workers()`."""
+    if requested != -1:
+        return requested
+    if previous_run and isinstance(previous_run.get("num_workers"), int):
+        return previous_run["num_workers"]
+    return pipeline.auto_workers()
+
+
+def pipeline_config(config, data_dir: str, num_workers: int | None = None) -> pipeline.PipelineConfig:
     """The input pipeline of a run; augment.where "auto" resolved here, once, for this backend."""
     d = config.data
     pairs.check_hard_negatives_compatible(d.strategy, d.hard_negatives)
@@ -220,7 +247,8 @@ def pipeline_config(config, data_dir: str) -> pipeline.PipelineConfig:
     return pipeline.PipelineConfig(
         data_dir=data_dir, name=d.name, split=d.split, mode="contrastive", strategy=d.strategy,
         include_self=d.include_self, hard_negatives=d.hard_negatives, num_hard_negatives=d.num_hard_negatives,
-        batch_size=config.batch_size, seed=config.seed, num_workers=d.num_workers,
+        batch_size=config.batch_size, seed=config.seed,
+        num_workers=d.num_workers if num_workers is None else num_workers,
         read_threads=d.read_threads, device_prefetch=d.device_prefetch, max_corrupt=d.max_corrupt,
         augment=dataclasses.replace(aug, where=augment_lib.resolve_where(aug.where)),
     )
@@ -293,17 +321,21 @@ def build_encoders(config, note):
 
 def _key_inputs(batch: dict):
     """The key encoder's inputs as one batch: per example its key view followed by its hard
-    negatives (B * (1 + k) images, and their augmentation seeds on the device path). Interleaving
-    keeps each example's images on the device that holds the example (no exchange to assemble them)."""
-    images = batch["key"][:, None]
-    seeds = batch.get("key_seed")
-    seeds = None if seeds is None else seeds[:, None]
-    if "hard_negatives" in batch:
-        images = jnp.concatenate([images, batch["hard_negatives"]], axis=1)
-        if seeds is not None:
-            seeds = jnp.concatenate([seeds, batch["hard_negative_seeds"]], axis=1)
-    flat = lambda a: a.reshape((-1,) + a.shape[2:])
-    return flat(images), None if seeds is None else flat(seeds)
+    negatives (B * (1 + k) images, with their augmentation seeds and content boxes on the device path).
+    Interleaving keeps each example's images on the device that holds the example (no exchange to
+    assemble them)."""
+    parts = {"images": ("key", "hard_negatives"), "seeds": ("key_seed", "hard_negative_seeds"),
+             "boxes": ("key_box", "hard_negative_boxes")}
+    out = {}
+    for name, (key, hard) in parts.items():
+        if key not in batch:
+            out[name] = None
+            continue
+        a = batch[key][:, None]
+        if "hard_negatives" in batch:
+            a = jnp.concatenate([a, batch[hard]], axis=1)
+        out[name] = a.reshape((-1,) + a.shape[2:])
+    return out["images"], out["seeds"], out["boxes"]
 
 
 def make_train_step(config, q_graph, k_graph, tx, schedule, mesh=None):
@@ -323,14 +355,13 @@ def make_train_step(config, q_graph, k_graph, tx, schedule, mesh=None):
         rng, shuffle_rng, hard_rng = jax.random.split(state.rng, 3)
         b = batch["query"].shape[0]
         # where="device" batches are augmented here; host-augmented ones are only normalised
-        x_q = device_augment.to_views(batch["query"], batch.get("query_seed"), aug)
+        x_q = device_augment.to_views(batch["query"], batch.get("query_seed"), aug, boxes=batch.get("query_box"))
 
         # Momentum encoder: EMA first, then the keys (reference MoCo), shuffle BN across groups.
         k_params = moco.ema_update(state.k_params, state.q_params, mc.momentum)
-        images, seeds = _key_inputs(batch)
         keys_all, k_stats = moco.encode_keys_shuffled(
-            k_graph, k_params, state.k_stats, (images, seeds), shuffle_rng, num_groups=bn_groups,
-            to_views=lambda xs: device_augment.to_views(xs[0], xs[1], aug), constrain=constrain)
+            k_graph, k_params, state.k_stats, _key_inputs(batch), shuffle_rng, num_groups=bn_groups,
+            to_views=lambda xs: device_augment.to_views(xs[0], xs[1], aug, boxes=xs[2]), constrain=constrain)
         keys_all = keys_all.reshape(b, -1, keys_all.shape[-1])
         k_emb = keys_all[:, 0]
         hard, hard_valid = None, None
@@ -451,11 +482,12 @@ def abstract_batch(config, mesh, image_size: int) -> dict:
     for name in ("patient", "study", "laterality", "key_study", "key_laterality"):
         batch[name] = sd((b,), np.int32)
     if where == "device":
-        batch.update(query_seed=sd((b, 2), np.uint32), key_seed=sd((b, 2), np.uint32))
+        batch.update(query_seed=sd((b, 2), np.uint32), key_seed=sd((b, 2), np.uint32),
+                     query_box=sd((b, 4), np.float32), key_box=sd((b, 4), np.float32))
     if k:
         batch.update(hard_negatives=sd((b, k, *img), np.uint8), hard_negative_rows=sd((b, k), np.int32))
         if where == "device":
-            batch["hard_negative_seeds"] = sd((b, k, 2), np.uint32)
+            batch.update(hard_negative_seeds=sd((b, k, 2), np.uint32), hard_negative_boxes=sd((b, k, 4), np.float32))
     return batch
 
 
@@ -467,16 +499,16 @@ def _fingerprint(config, pcfg: pipeline.PipelineConfig) -> dict:
     """What a checkpoint must agree with to be resumed."""
     return {"job": "moco", "arch": config.model.arch, "width": config.model.width, "embed_dim": config.model.embed_dim,
             "hidden_dim": config.model.hidden_dim, "queue_size": config.moco.queue_size, "optim": config.optim.name,
-            "batch_size": config.batch_size, "data_dir": str(Path(pcfg.data_dir).resolve()), "seed": config.seed,
+            "batch_size": config.batch_size, "data_dir": str(workdir_path(pcfg.data_dir)), "seed": config.seed,
             "strategy": config.data.strategy, "include_self": config.data.include_self,
-            "process_count": jax.process_count(),
+            "process_count": jax.process_count(), "num_workers": pcfg.num_workers,
             # host and device draw different random numbers: a resume must keep the path
             "augment_where": pcfg.augment.where}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Run (or resume) a MoCo pre-training; returns the last logged metrics."""
-    workdir = str(Path(workdir).resolve())
+    """Run (or resume) a MoCo pre-training; returns the last logged metrics (window averages)."""
+    workdir = workdir_path(workdir)
     note = metrics_lib.note
 
     note("Creating mesh ...")
@@ -485,9 +517,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     note("Creating input pipeline ...")
     data_dir = prepared_data_dir(config, note)
-    pcfg = pipeline_config(config, data_dir)
-    note(f"augmentation on the {pcfg.augment.where} (augment.where="
-         f"{config.augment.where!r}, JAX backend {jax.default_backend()})")
+    previous = _previous_run(workdir)
+    workers = resolve_workers(config.data.num_workers, previous)
+    pcfg = pipeline_config(config, data_dir, num_workers=workers)
+    note(f"augmentation on the {pcfg.augment.where} (augment.where={config.augment.where!r}, JAX backend "
+         f"{jax.default_backend()}); {workers} decode worker process(es) "
+         f"({pipeline.available_cpus()} CPUs available to this process)")
     data = pipeline.load_prepared(data_dir, pcfg.split, pcfg.strategy, pcfg.hard_negatives, name=pcfg.name,
                                   include_self=pcfg.include_self)
     steps_per_epoch = data.n // config.batch_size
@@ -505,27 +540,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, pcfg))
     ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
-    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints,
+                                         atomicity_setting=config.checkpoint_atomicity)
     iterator = pipeline.make_iterator(pcfg, mesh, data=data, axis=mesh_lib.BATCH_AXES)
     logger = None
     try:
-        start = checkpointer.latest_step() or 0
+        # Into this run's shardings, whatever mesh wrote the checkpoint (Orbax reshards); damaged newer
+        # checkpoints are named, moved aside and skipped.
+        start, restored = checkpointer.restore_latest(mesh_lib.with_shardings(abstract, state_sharding), iterator,
+                                                      note=note)
+        if restored is not None:
+            state = restored
         if start >= total_steps:
             note(f"{workdir} already holds the final step {start} of {total_steps}; nothing to do.")
             return {}
-        if start:
-            note(f"Resuming from {checkpointer.directory}/{start} ...")
-            # Into this run's shardings, whatever mesh wrote the checkpoint (Orbax reshards).
-            state = checkpointer.restore(start, mesh_lib.with_shardings(abstract, state_sharding), iterator)
 
         first = next(iterator)
         compiled = train_step.lower(state, first).compile()
-        flops = _flops(compiled)
+        step_flops = flops_lib.step_flops(compiled)
         logger = metrics_lib.MetricLogger(workdir, total_steps=total_steps, start_step=start)
         logger.note(f"{total_steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} on "
-                    f"{jax.device_count()} device(s); {flops / 1e9:.1f} GFLOP/step")
-        return _loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
-                     total_steps=total_steps, steps_per_epoch=steps_per_epoch, flops=flops, workdir=workdir)
+                    f"{jax.device_count()} device(s); {step_flops / 1e9:.1f} GFLOP per device per step; InfoNCE "
+                    f"chance level ln(K+1) = {chance_loss(config):.2f}")
+        with preemption.StopRequest() as stop:
+            last = _loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
+                         total_steps=total_steps, steps_per_epoch=steps_per_epoch, flops=step_flops, workdir=workdir,
+                         stop=stop, chance=chance_loss(config))
+        if jax.process_index() == 0:
+            curves.write_training_curves(workdir)
+        return last
     finally:
         checkpointer.close()
         iterator.close()
@@ -533,11 +576,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
             logger.close()
 
 
-def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, start, total_steps, steps_per_epoch,
-          flops, workdir) -> dict:
-    """Steps `start`..`total_steps`: metrics on log steps, NaN check and checkpoint on save steps."""
+def _previous_run(workdir) -> dict | None:
+    """WORKDIR/run.json of an earlier start of this run, if any."""
+    import json
+
+    path = workdir_path(workdir) / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def chance_loss(config) -> float:
+    """InfoNCE of a model that cannot tell the positive from the K queue keys: ln(K + 1)."""
+    return math.log(config.moco.queue_size + 1)
+
+
+@jax.jit
+def _accumulate(sums, metrics):
+    return jax.tree.map(jnp.add, sums, metrics)
+
+
+def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, start, total_steps,
+          steps_per_epoch, flops, workdir, stop=None, chance: float | None = None) -> dict:
+    """Steps `start`..`total_steps` (shared by the MoCo and MVLM jobs): metrics averaged over each
+    logging window (summed on the device, read on log steps only), NaN check and checkpoint on save
+    steps, and with a `preemption.StopRequest` a synchronous save and a clean stop when the process is
+    asked to stop (SIGTERM: preemption, a time limit). `chance`: the loss at chance, logged beside it."""
     last = {}
-    peak = _peak_tflops()
+    kind = jax.devices()[0].device_kind
+    sums = None
     t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
     for step in range(start, total_steps):
         if step > start:
@@ -545,30 +610,44 @@ def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, sta
             batch = next(iterator)
             wait_window += time.perf_counter() - t0
         state, metrics = compiled(state, batch)
+        sums = metrics if sums is None else _accumulate(sums, metrics)
         steps_window += 1
         done = step + 1
-        log_now = done % config.log_every == 0 or done == total_steps
-        save_now = checkpointer.manager.should_save(done) or done == total_steps
+        # (asked at every step, in order: multi-process runs agree on the stop step through it)
+        stopping = stop is not None and stop.reached(done) and done < total_steps
+        log_now = done % config.log_every == 0 or done == total_steps or stopping
+        save_now = checkpointer.manager.should_save(done) or done == total_steps or stopping
         if log_now or save_now:
             bad = int(jax.device_get(state.first_bad_step))
             if bad >= 0:
                 _stop_nonfinite(bad, checkpointer, workdir)
         if log_now:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m = {k: float(v) / steps_window for k, v in jax.device_get(sums).items()}
+            m["lr"] = float(metrics["lr"])  # the current rate, not the window's mean
             dt = time.perf_counter() - t_window
-            m.update(img_per_s=steps_window * config.batch_size / dt, step_time_s=dt / steps_window,
-                     input_wait_frac=wait_window / dt, tflops_per_s=flops * steps_window / dt / 1e12,
-                     epoch=done / steps_per_epoch)
-            if peak:
-                m["mfu"] = m["tflops_per_s"] / (peak * jax.device_count())
+            if chance is not None:
+                m["chance_loss"] = chance
+            m.update(img_per_s=steps_window * config.batch_size / dt,
+                     step_time_s=dt / steps_window, input_wait_frac=wait_window / dt,
+                     tflops_per_s_per_device=flops * steps_window / dt / 1e12, epoch=done / steps_per_epoch)
+            mfu = flops_lib.utilisation(flops, dt / steps_window, kind)
+            if mfu is not None:
+                m["mfu"] = mfu
             logger.write(done, m)
             last = m
+            sums = None
             t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
         if save_now:
             logger.flush()
-            checkpointer.save(done, state, iterator, force=done == total_steps)
+            checkpointer.save(done, state, iterator, force=done == total_steps or stopping)
         logger.progress(done)
+        if stopping:
+            checkpointer.wait()  # the checkpoint must be complete before the process goes
+            raise preemption.Preempted(stop.message(done, checkpointer.directory))
     return last
+
+
+_flops = flops_lib.step_flops  # the MVLM trainer's name for it (until it imports train/flops.py itself)
 
 
 def _stop_nonfinite(bad_step: int, checkpointer, workdir) -> None:
@@ -579,17 +658,3 @@ def _stop_nonfinite(bad_step: int, checkpointer, workdir) -> None:
         + (f"The last good checkpoint is step {good} in {workdir}/checkpoints. " if good else "No checkpoint was written. ")
         + "Lower config.optim.lr, use float32 (config.model.dtype), or check the input data."
     )
-
-
-def _flops(compiled) -> float:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0))
-    except Exception:  # cost analysis is best effort on some backends
-        return 0.0
-
-
-def _peak_tflops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), None)
