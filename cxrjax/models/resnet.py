@@ -1,7 +1,7 @@
 """ResNet-18 / ResNet-50 in Flax NNX, laid out exactly like torchvision's (v1.5: stride on the 3x3).
 
 Inputs are NHWC (1 or 3 channels). Submodule names follow torchvision's state_dict, so an ImageNet
-checkpoint maps 1:1 (see `cxrjax.tools.import_torchvision`): ``conv1``, ``bn1``, ``layer1.0.conv1``,
+checkpoint maps 1:1 (see `cxrjax.models.torchvision_weights`): ``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.bn1``, ..., ``layer2.0.downsample.0`` (conv) / ``.1`` (BN), ``fc``. The flat name of a
 variable is its NNX path joined with dots (``layer1.0.conv1.kernel``), see `flat_state`.
 

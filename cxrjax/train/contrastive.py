@@ -306,9 +306,9 @@ def build_encoders(config, note):
                 "once with `python -m cxrjax.tools.import_torchvision resnet18.pth OUT --in_channels 1` "
                 "(no download happens at run time), or set config.model.init='random'."
             )
-        from cxrjax.tools import import_torchvision
+        from cxrjax.models import torchvision_weights
 
-        import_torchvision.load_pretrained(query.backbone, m.weights)
+        torchvision_weights.load_pretrained(query.backbone, m.weights)
         note(f"Backbone initialised from {m.weights}")
     elif m.init != "random":
         raise ValueError(f"config.model.init={m.init!r}; expected 'imagenet' or 'random'")
