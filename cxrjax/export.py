@@ -120,13 +120,16 @@ def export_embeddings(encoder, data_dir: str, out: str, *, mesh, augment, splits
     """
     import jax
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cxrjax.eval import features
 
     if fmt not in ("parquet", "npy"):
         raise ValueError(f"format {fmt!r}; expected 'parquet' or 'npy'")
-    table = pd.read_parquet(Path(data_dir) / "table.parquet")
+    import pyarrow.parquet as pq
+
+    table_path = Path(data_dir) / "table.parquet"
+    names = set(pq.read_schema(table_path).names)  # only the columns written (not the reports: they can be large)
+    table = pd.read_parquet(table_path, columns=[c for c in (*METADATA, "path") if c in names])
     present = [s for s in splits if (table["split"] == s).any()]
     if not present:
         raise ValueError(f"{data_dir}/table.parquet has none of the splits {list(splits)} "

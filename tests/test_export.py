@@ -189,23 +189,31 @@ def test_16_bit_records_give_the_8_bit_features_and_export(tmp_path, bit_depths,
     img8, img16 = reader[8].image(0), reader[16].image(0)
     assert img8.dtype == np.uint8 and img16.dtype == np.uint16  # really 16-bit records (= 257 x the 8-bit pixels)
     np.testing.assert_array_equal(img16, img8.astype(np.uint16) * 257)
-    feats = {b: features.extract_features(enc, str(d), "train", AUG, mesh=mesh, batch_size=8, progress=False)
+    # eval at 24 px: the resize interpolates, so 16-bit pixels are no longer multiples of 257 (a uint8 buffer
+    # would wrap them: 257 v mod 256 = v hides the bug at the prepared size); the 8-bit views are rounded to
+    # 8 bits there, hence a tolerance (measured max deviation 0.8 % of the feature scale; 181 % before the fix)
+    aug = augment_lib.AugmentConfig(size=24)
+    feats = {b: features.extract_features(enc, str(d), "train", aug, mesh=mesh, batch_size=8, progress=False)
              for b, d in bit_depths.items()}
     np.testing.assert_array_equal(feats[8][1], feats[16][1])
     scale = np.abs(feats[8][0]).max()
-    np.testing.assert_allclose(feats[16][0], feats[8][0], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(feats[16][0], feats[8][0], atol=0.03 * scale)
     for b in (8, 16):
-        export.export_embeddings(enc, str(bit_depths[b]), str(tmp_path / f"{b}.parquet"), mesh=mesh, augment=AUG,
+        export.export_embeddings(enc, str(bit_depths[b]), str(tmp_path / f"{b}.parquet"), mesh=mesh, augment=aug,
                                  raw_ids=True, progress=False)
     e8, e16 = (np.stack(pd.read_parquet(tmp_path / f"{b}.parquet").embedding) for b in (8, 16))
-    np.testing.assert_allclose(e16, e8, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(e16, e8, atol=0.03 * scale)
+    np.testing.assert_allclose(e8[:len(feats[8][0])], feats[8][0], rtol=1e-5, atol=1e-6)  # train rows come first
 
 
 def test_16_bit_records_fine_tune_as_the_8_bit_ones(bit_depths, encoder):
-    """Fine-tuning (rotation + flip views) on 8- vs 16-bit records of the same images: the same losses up to
-    the rounding of the 8-bit views (each depth is resampled at its own precision). Normalising 16-bit pixels
-    by 255 would put inputs ~257x out of range (loss orders of magnitude off)."""
+    """One fine-tuning step (rotation + flip views, BatchNorm in train mode) on 8- vs 16-bit records of the same
+    images: the same loss and the same updated BatchNorm running statistics, up to the rounding of the 8-bit
+    views. (Train-mode BatchNorm hides an input scaled 257x from the loss, not from the running statistics
+    that evaluation then uses: before the fix the first layer's running mean was ~257x off.)"""
     import re
+
+    import jax
 
     from cxrjax.eval import linear
 
@@ -213,14 +221,19 @@ def test_16_bit_records_fine_tune_as_the_8_bit_ones(bit_depths, encoder):
     table = pd.read_parquet(bit_depths[8] / "table.parquet")
     targets = linear.task_labels(table, [linear.Task("Pleural Effusion", "Pleural Effusion")])
     rows = np.flatnonzero(table.split == "train")
-    losses = {}
+    assert len(rows) == 8  # one batch: one step
+    losses, stats = {}, {}
     for b, d in bit_depths.items():
         logs = []
-        linear.finetune(enc, str(d), rows, targets, mesh=mesh, augment=AUG, epochs=2, lr=1e-3, batch_size=8, seed=0,
-                        note=logs.append)
-        losses[b] = [float(re.search(r"loss ([-\d.]+)", m).group(1)) for m in logs]
-    assert len(losses[8]) == 2 and losses[8][0] > 0.1  # BCE of a zero head: ln 2 on the first step
-    np.testing.assert_allclose(losses[16], losses[8], rtol=2e-3)
+        tuned, _, _ = linear.finetune(enc, str(d), rows, targets, mesh=mesh, augment=AUG, epochs=1, lr=1e-3,
+                                      batch_size=8, seed=0, note=logs.append)
+        losses[b] = float(re.search(r"loss ([-\d.]+)", logs[0]).group(1))
+        stats[b] = [np.asarray(x) for x in jax.tree.leaves(tuned.stats)]
+    assert losses[8] == pytest.approx(np.log(2), abs=1e-3) and losses[16] == pytest.approx(losses[8], abs=1e-3)
+    before = [np.asarray(x) for x in jax.tree.leaves(enc.stats)]
+    assert any(not np.allclose(a, c) for a, c in zip(stats[8], before))  # the step did update them
+    for a, c in zip(stats[16], stats[8]):  # measured: within 3 % of each statistic's scale (1e6x off before)
+        np.testing.assert_allclose(a, c, rtol=0, atol=0.05 * np.abs(c).max())
 
 
 # ---------------------------------------------------------------------------------------------- damaged checkpoints
@@ -263,6 +276,6 @@ def test_command_line_reads_a_run_and_a_damaged_one_is_one_line(tmp_path, phanto
                          timeout=600)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-3000:]
-    assert f"{run.resolve()}/checkpoints/1 cannot be read" in bad.stderr and "damaged" in bad.stderr
+    assert f"{run.resolve()}/checkpoints/1 cannot be read: the checkpoint is damaged (" in bad.stderr
     assert "the run has no other checkpoint" in bad.stderr
     assert not (tmp_path / "bad.parquet").exists()

@@ -520,3 +520,41 @@ def test_real_nih_full_metadata():
     assert r.table["patient_id"].nunique() == raw["Patient ID"].nunique() == 30_805
     assert (r.table["Lung Lesion"] == 1).sum() == raw["Finding Labels"].str.contains("Mass|Nodule").sum()
     assert (r.table["No Finding"] == 1).sum() == (raw["Finding Labels"] == "No Finding").sum()
+
+
+def chexpert_test_labels(path: Path, rows) -> Path:
+    """CheXpert's test-set labels file: Path + the 14 observations, no Sex/Age/view columns."""
+    lines = ["Path," + ",".join(CHEXPERT_LABELS)]
+    for p, labs in rows:
+        lines.append(",".join([p] + [labs.get(c, "0") for c in CHEXPERT_LABELS]))
+    return write(path, "\n".join(lines) + "\n")
+
+
+def test_chexpert_test_set_labels_make_the_test_split(tmp_path):
+    folder = tmp_path / "CheXpert-v1.0-small"
+    chexpert_train(folder)
+    write(folder / "valid.csv", CHEXPERT_HEADER + "\n" +
+          chexpert_row("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", Edema="0.0") + "\n")
+    test_rows = [("test/patient64741/study1/view1_frontal.jpg", {"Pleural Effusion": "1"}),
+                 ("test/patient64741/study1/view2_lateral.jpg", {"Pleural Effusion": "1"}),
+                 ("test/patient64742/study1/view1_frontal.jpg", {"Cardiomegaly": "1"})]
+    # without the test labels: valid.csv is the test split (the default, as before)
+    assert M.load_chexpert(folder).table.set_index("image_id").loc["patient64541/study1/view1_frontal", "split"] == "test"
+    chexpert_test_labels(folder / "test_labels.csv", test_rows)
+    for kw in ({}, {"test_labels": folder / "test_labels.csv"}):  # found in the folder, or given
+        r = M.load_chexpert(tmp_path, **kw)
+        t = r.table.set_index("image_id")
+        assert r.root == tmp_path and len(t) == 7 + 1 + 3
+        assert t.loc["patient64541/study1/view1_frontal", "split"] == "valid"  # valid.csv -> valid
+        test = t[t.split == "test"]
+        assert sorted(test.index) == ["patient64741/study1/view1_frontal", "patient64741/study1/view2_lateral",
+                                      "patient64742/study1/view1_frontal"]
+        assert test.path.tolist() == ["CheXpert-v1.0-small/" + p for p, _ in test_rows]  # relative to the root
+        assert test.laterality.tolist() == ["frontal", "lateral", "frontal"]  # from the file names
+        assert test.view.tolist() == ["FRONTAL", "LATERAL", "FRONTAL"]
+        assert test["Pleural Effusion"].tolist() == [1.0, 1.0, 0.0] and test["Cardiomegaly"].tolist() == [0.0, 0.0, 1.0]
+        assert set(t.split[t.patient_id.isin(["patient00001", "patient00002", "patient00003"])]) == {"train"}
+    assert set(M.load_chexpert(folder, test_labels=False).table.split) <= {"train", "valid", "test"}
+    assert (M.load_chexpert(folder, test_labels=False).table.split == "test").sum() == 1  # valid.csv again
+    with pytest.raises(MetadataError, match="test labels .*nope.csv not found"):
+        M.load_chexpert(folder, test_labels=tmp_path / "nope.csv")

@@ -18,6 +18,7 @@ per-file reads that cannot be (report .txt/.xml files, DICOM headers).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -241,7 +242,10 @@ def load_chexpert_csv(csv_path, split: str | None = None, fractions=DEFAULT_FRAC
     df = pd.DataFrame({"path": path, "patient_id": ids[0], "_num": pd.to_numeric(ids[1]), "_where": where})
     df["study_id"] = ids[0] + "/study" + ids[1]
     df["image_id"] = df["study_id"] + "/" + ids[2]
-    fl = _clean(raw["Frontal/Lateral"]).str.lower() if "Frontal/Lateral" in raw else pd.Series(np.nan, index=raw.index)
+    if "Frontal/Lateral" in raw:
+        fl = _clean(raw["Frontal/Lateral"]).str.lower()
+    else:  # the test set's labels file has no view columns: CheXpert's file names say it (view1_frontal.jpg)
+        fl = ids[2].str.extract(r"_(frontal|lateral)$", flags=re.IGNORECASE)[0].str.lower()
     proj = normalize_view(raw["AP/PA"]) if "AP/PA" in raw else pd.Series("UNKNOWN", index=raw.index)
     # Frontal/Lateral is authoritative; AP/PA only refines a frontal (17 real frontals say 'LL'/'RL').
     df["view"] = np.where(
@@ -257,13 +261,22 @@ def load_chexpert_csv(csv_path, split: str | None = None, fractions=DEFAULT_FRAC
     return _finish(df, source="chexpert", where=str(csv_path), bad=bad, root=root)
 
 
-def load_chexpert(src, fractions=None, valid_split: str = "test") -> AdapterResult:
+TEST_LABELS = "test_labels.csv"  # CheXpert's test set (500 studies, 5-radiologist consensus), public since 2022
+
+
+def load_chexpert(src, fractions=None, valid_split: str | None = None, test_labels=None) -> AdapterResult:
     """CheXpert folder (`CheXpert-v1.0-small/` or its parent) -> canonical table.
 
-    train.csv is split by patient hash; valid.csv (the official, radiologist-labelled held-out set,
-    disjoint patients) becomes `valid_split` ('test' by default, as MoCo-CXR does, since the real test
-    set is not public). Fractions default to 0.9/0.1/0 when valid.csv provides the test split, else
-    0.8/0.1/0.1.
+    Two protocols, chosen by whether the test set's labels are there:
+      * default (no test labels; MoCo-CXR, MedAug): train.csv is split by patient hash into train/valid
+        (0.9/0.1), and valid.csv (the official, radiologist-labelled held-out set, disjoint patients) is the
+        `test` split.
+      * with the test set's labels -- `test_labels` = its CSV, or `test_labels.csv(.gz)` found in the CheXpert
+        folder or `src` (columns `Path` + the 14 observations; `Path` like `test/patientN/studyM/viewK_x.jpg`,
+        relative to the folder holding the CSV, views from the file names) --: train.csv is all `train`,
+        valid.csv is `valid` and the test set is `test` (CheXpert's own protocol). `test_labels=False` ignores
+        a test_labels.csv that is there.
+    `valid_split` overrides where valid.csv goes; `fractions` how train.csv is split (default: as above).
     """
     src = _need_dir(src, "CheXpert", "a folder with train.csv and/or valid.csv (CheXpert-v1.0-small/)")
     folders = [src] + sorted(p for p in src.glob("CheXpert-v1.0*") if p.is_dir())
@@ -276,16 +289,38 @@ def load_chexpert(src, fractions=None, valid_split: str = "test") -> AdapterResu
             f"CheXpert: no train.csv / valid.csv (or .csv.gz) in {', '.join(map(str, folders))}; "
             "point at the CheXpert-v1.0-small/ folder (or the folder holding it)"
         )
+    if test_labels is None:
+        test = _find(folder, TEST_LABELS) or _find(src, TEST_LABELS)
+    elif test_labels is False or test_labels == "":
+        test = None
+    else:
+        test = Path(test_labels)
+        if not test.is_file():
+            raise MetadataError(f"CheXpert: test labels {test} not found; expected CheXpert's {TEST_LABELS}")
+    if valid_split is None:
+        valid_split = "valid" if test else "test"
     parts = []
     if train:
-        fr = fractions or ((0.9, 0.1, 0.0) if valid and valid_split == "test" else DEFAULT_FRACTIONS)
-        parts.append(load_chexpert_csv(train, None, fr))
+        if fractions is None:
+            fractions = (1.0, 0.0, 0.0) if test else (0.9, 0.1, 0.0) if valid and valid_split == "test" else DEFAULT_FRACTIONS
+        parts.append(load_chexpert_csv(train, None, fractions))
     if valid:
         parts.append(load_chexpert_csv(valid, valid_split))
+    if test:
+        parts.append(load_chexpert_csv(test, "test"))
+        log.info("CheXpert: test split from %s (%d images); valid.csv -> %r", test, len(parts[-1].table), valid_split)
     if len(parts) == 1:
         return parts[0]
-    table = validate_table(pd.concat([p.table for p in parts], ignore_index=True), where=f"CheXpert {folder}")
-    return AdapterResult(table, parts[0].bad + parts[1].bad, parts[0].root)
+    root = parts[0].root
+    tables = []
+    for part in parts:  # one root for every path: the first part's (train.csv's)
+        t = part.table
+        if part.root is not None and Path(part.root).resolve() != Path(root).resolve():
+            prefix = Path(os.path.relpath(Path(part.root).resolve(), Path(root).resolve())).as_posix()
+            t = t.assign(path=t["path"].where(t["path"].str.startswith("/"), prefix + "/" + t["path"]))
+        tables.append(t)
+    table = validate_table(pd.concat(tables, ignore_index=True), where=f"CheXpert {folder}")
+    return AdapterResult(table, [b for part in parts for b in part.bad], root)
 
 
 # -------------------------------------------------------------------------------------- MIMIC-CXR-JPG

@@ -185,25 +185,32 @@ def _first_line(e: BaseException) -> str:
 def _partial_restore(workdir: Path, step: int, target: dict, what: str) -> dict:
     """Read only the arrays of `target` (a dict of abstract pytrees) from the `state` item of one step.
 
-    Any failure -- files missing or truncated (a storage fault), a model of other shapes -- becomes one
-    `CheckpointReadError` line naming the step, the reason and the steps beside it.
+    Any failure becomes one `CheckpointReadError` line naming the step: damaged files (a storage fault:
+    truncated or missing arrays, as `train.checkpoint.damage_reason` recognises them) with what is wrong and
+    the intact-looking steps beside it, or a model of other shapes.
     """
     import orbax.checkpoint as ocp
+
+    from cxrjax.train import checkpoint as ckpt_lib
 
     restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     steps = sorted(int(s.name) for s in (workdir / "checkpoints").iterdir() if s.name.isdigit())
     others = [s for s in steps if s != step]
+    step_dir = workdir / "checkpoints" / str(step)
+    ckpt_lib._ignore_late_read_callbacks()  # abandoned reads of a damaged step: no "Event loop is closed" noise
     try:
-        with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        with ckpt_lib._quiet_failed_reads(), ocp.CheckpointManager(workdir / "checkpoints") as manager:
             state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
-        jax.block_until_ready(state)
+            jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - TensorStore/Orbax raise many types; the user needs one line
         hint = (f"; try an earlier step, e.g. {workdir}/{others[-1]} (steps: {others})" if others
                 else "; the run has no other checkpoint")
-        raise CheckpointReadError(
-            f"{workdir}/checkpoints/{step} cannot be read as {what} ({_first_line(e)}): the checkpoint is damaged "
-            f"or holds another model{hint}") from None
+        damage = ckpt_lib.damage_reason(e, step_dir)
+        if damage is not None:
+            raise CheckpointReadError(f"{step_dir} cannot be read: the checkpoint is damaged ({damage}){hint}") from None
+        raise CheckpointReadError(f"{step_dir} cannot be read as {what} ({_first_line(e)}): the checkpoint is damaged "
+                                  f"or holds another model{hint}") from None
     return state
 
 

@@ -383,17 +383,20 @@ def plot_roc(path: str | Path, targets: np.ndarray, scores_per_seed: np.ndarray,
 
 
 class _TrainView:
-    """(epoch, table row) -> one augmented training view + targets (host side, in grain's workers/threads)."""
+    """(epoch, table row) -> one augmented training view + targets (host side, in grain's workers/threads).
 
-    def __init__(self, reader, record_of_row, targets, augment, seed):
-        self.reader, self.record_of_row, self.targets = reader, record_of_row, targets
+    `readers[k]` reads the records of split k; `where[row]` = (k, record) of each table row (-1: none)."""
+
+    def __init__(self, readers, where, targets, augment, seed):
+        self.readers, self.where, self.targets = readers, where, targets
         self.augment, self.seed = augment, seed
 
     def __call__(self, item):
         from cxrjax.data import augment as augment_lib
 
         epoch, row = item
-        img = self.reader.image(int(self.record_of_row[row]))
+        k, record = self.where[row]
+        img = self.readers[int(k)].image(int(record))
         view = augment_lib.augment(img, self.augment, augment_lib.example_rng(self.seed, epoch, row, 0))
         return {"image": view[..., None], "targets": self.targets[row]}
 
@@ -415,17 +418,26 @@ def finetune(encoder, data_dir: str, rows: np.ndarray, targets: np.ndarray, *, m
     from cxrjax.data import pipeline
     from cxrjax.eval import features
 
-    data = pipeline.load_prepared(data_dir, "train", None, name=name)
-    if (data.record_of_row[rows] < 0).any():
-        raise ValueError("finetune: every row must belong to the training split")
+    # The label sample's images: of the training split, or also of valid (external label splits such as
+    # MedAug's were drawn from all of CheXpert's train.csv, part of which is our valid split)
+    readers, where = [], None
+    for split in ("train", "valid"):
+        data = pipeline.load_prepared(data_dir, split, None, name=name)
+        if where is None:
+            where = np.full((len(data.record_of_row), 2), -1, np.int64)
+        mine = data.record_of_row[rows] >= 0
+        if mine.any():
+            where[rows[mine]] = np.stack([np.full(mine.sum(), len(readers)), data.record_of_row[rows[mine]]], 1)
+            readers.append(pipeline.RecordReader(data.out, data.name, split))
+    if (where[rows, 0] < 0).any():
+        raise ValueError("finetune: every row must belong to the training (or validation) split")
     batched, replicated = features.batch_sharding(mesh), NamedSharding(mesh, P())
     n_dev = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names]))
     b = min(batch_size, len(rows)) // n_dev * n_dev
     if b == 0:
         raise ValueError(f"finetune: {len(rows)} training images cannot fill a batch over {n_dev} devices")
     steps_per_epoch = len(rows) // b
-    reader = pipeline.RecordReader(data.out, data.name, "train")
-    view = _TrainView(reader, data.record_of_row, np.nan_to_num(targets, nan=-1.0), augment, seed)
+    view = _TrainView(readers, where, np.nan_to_num(targets, nan=-1.0), augment, seed)
     order = grain.MapDataset.source(np.asarray(rows, np.int64)).shuffle(seed=seed).repeat(epochs)  # reshuffled per epoch
 
     def epoch_batches(e):
