@@ -1,7 +1,8 @@
 r"""Masked vision-language pre-training (Wang et al. 2021) on PAIRED image-report data only.
 
 ViT-B/16 at 224 px, one stream over [CLS, patches, word pieces]; MLM (15 %, BERT 80/10/10) + multi-scale
-masked vision modelling (50 % of patches in 1x1 / 2x2 / 4x4 blocks, MSE on normalised masked patches)
+masked vision modelling (50 % of patches in 1x1 / 2x2 / 7x7 blocks of the 14x14 patch grid -- 1/2/4 at
+64 px in the demo --, MSE on normalised masked patches)
 + image-report contrastive loss (weight 0.5) on the paired rows; AdamW 1.5e-4, warmup + cosine, clip 1.
 
     python -m cxrjax.main --config=configs/mvlm_paired.py:demo --workdir=runs/mvlm-paired-demo   # 200 steps x ~11 GFLOP
@@ -11,7 +12,9 @@ masked vision modelling (50 % of patches in 1x1 / 2x2 / 4x4 blocks, MSE on norma
     python -m cxrjax.eval.regeneration --checkpoint=runs/mvlm-paired-demo     # PSNR/SSIM + PNG grid
 
 Variants after the colon (comma-separated): demo (phantom; tiny ViT, 64 px, patch 8, 200 steps), bf16,
-conv (CNN stem), small / large (ViT-S/16, ViT-L/16). The demo pairs only a quarter of the patients
+conv (patch-local CNN stem), small / large (ViT-S/16, ViT-L/16), remat (rematerialise every block: less
+activation memory for ~1/3 more compute). Every config and variant trains a step at its own resolution
+in tests/test_mvlm_configs.py (narrow width, same depth, patch grid, stem and dtype). The demo pairs only a quarter of the patients
 (`data.paired_fraction=0.25`) so that it trains on exactly the paired part of configs/mvlm_mixed.py:demo.
 Measured wall time of the demo: 20-25 min on the shared 2-core CPU with a load average of 14-22
 (other jobs running); it is compute-bound (XLA:CPU), so an idle machine is several times faster.

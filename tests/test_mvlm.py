@@ -1,4 +1,6 @@
-"""The masked vision-language model and its losses: modality isolation, masked-only losses,
+"""The masked vision-language model and its losses: modality isolation, masked pixels that reach no
+output (both stems), masked-only losses, float32 MLM logits under bf16, attention against a numpy
+reference, rematerialisation, which parameters decay, where the paired rows of a global batch are,
 sharding annotations, and the same loss on 1 and 8 (simulated) devices."""
 
 import functools
@@ -16,10 +18,10 @@ S, PATCH, L, VOCAB = 32, 8, 16, 64
 N = (S // PATCH) ** 2
 
 
-def fast_model(proj_dim=16, seed=0):
+def fast_model(proj_dim=16, seed=0, **vit_options):
     """A tiny model filled from numpy (eager NNX init compiles a kernel per shape: slow on 2 cores)."""
-    cfg = mvlm.MVLMConfig(vit.ViTConfig(size="micro", image_size=S, patch=PATCH), vocab_size=VOCAB, max_len=L,
-                          proj_dim=proj_dim)
+    cfg = mvlm.MVLMConfig(vit.ViTConfig(size="micro", image_size=S, patch=PATCH, **vit_options), vocab_size=VOCAB,
+                          max_len=L, proj_dim=proj_dim)
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: mvlm.MVLM(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
@@ -113,8 +115,12 @@ def test_mlm_loss_only_counts_targets():
     logits2 = logits.copy()
     logits2[labels < 0] = r.normal(size=(int((labels < 0).sum()), VOCAB))
     assert float(mvlm.mlm_loss(logits2, labels)[0]) == pytest.approx(float(loss), rel=1e-6)
-    logits2[0, 3, 10] += 5
-    assert float(mvlm.mlm_loss(logits2, labels)[1]["mlm_acc"]) != pytest.approx(-1)
+    # accuracy: argmax == label over the 3 targets only; make exactly targets 0 and 2 right
+    logits2[0, 3, 10] = logits2[0, 3].max() + 1
+    logits2[1, 5, 20] = logits2[1, 5].min() - 1
+    logits2[1, 6, 30] = logits2[1, 6].max() + 1
+    logits2[labels < 0, 0] = 1e3  # non-targets: a wrong argmax that must not count
+    assert float(mvlm.mlm_loss(logits2, labels)[1]["mlm_acc"]) == pytest.approx(2 / 3)
 
 
 def test_patch_targets_are_normalised_per_patch():
@@ -160,6 +166,9 @@ def tiny_config():
     return c
 
 
+COUNTS = {"paired": 4, "image": 2, "text": 2}
+
+
 def train_batch(seed=0):
     """8 rows: 4 paired, 2 image-only, 2 text-only (the pipeline's layout)."""
     r = np.random.default_rng(seed)
@@ -178,7 +187,7 @@ def train_batch(seed=0):
 
 
 def step_on(mesh, config, batch, steps=3):
-    setup = train_mvlm.build_training(config, mesh, VOCAB, total_steps=10, num_paired=4)
+    setup = train_mvlm.build_training(config, mesh, VOCAB, total_steps=10, counts=COUNTS)
     state, losses = setup.state, []
     for _ in range(steps):
         b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
@@ -208,10 +217,7 @@ def test_one_and_eight_devices_give_the_same_loss():
 
 
 def test_conv_stem_and_bfloat16_compute_run():
-    cfg = mvlm.MVLMConfig(vit.ViTConfig(size="micro", image_size=S, patch=PATCH, stem="conv", dtype="bfloat16"),
-                          vocab_size=VOCAB, max_len=L, proj_dim=0)
-    with nnx.use_eager_sharding(False):
-        model = mvlm.MVLM(cfg, rngs=nnx.Rngs(0))
+    model = fast_model(proj_dim=0, stem="conv", dtype="bfloat16")
     b = random_batch()
     img, txt = forward(model, b)
     assert img.shape == (4, N, 32) and txt.shape == (4, L, 32) and img.dtype == jnp.bfloat16
@@ -219,3 +225,179 @@ def test_conv_stem_and_bfloat16_compute_run():
     assert model.regenerate(img).shape == (4, N, PATCH * PATCH) and model.mlm_logits(txt).dtype == jnp.float32
     params = nnx.state(model, nnx.Param)
     assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(params))  # params stay float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked pixels, precision, attention, remat, weight decay, paired rows
+
+
+def all_outputs(model, b):
+    img, txt = forward(model, b)
+    return {"image_states": img, "text_states": txt, "regenerated": model.regenerate(img),
+            "mlm_logits": model.mlm_logits(txt)}
+
+
+@pytest.mark.parametrize("stem", ["none", "conv"])
+def test_pixels_under_the_mask_reach_no_output(stem):
+    """Masked vision modelling must not see its targets: new pixels inside masked patches change no
+    output bit; the same change inside a visible patch does change the outputs."""
+    model = fast_model(stem=stem)
+    b = random_batch()
+    before = all_outputs(model, b)
+    r = np.random.default_rng(5)
+    pix_mask = b["patch_mask"].reshape(4, S // PATCH, S // PATCH).repeat(PATCH, 1).repeat(PATCH, 2)[..., None]
+    hidden = dict(b, image=np.where(pix_mask, r.integers(0, 256, b["image"].shape), b["image"]).astype(np.uint8))
+    assert (hidden["image"] != b["image"]).any()
+    after = all_outputs(model, hidden)
+    for k in before:
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(before[k]), err_msg=k)
+    # control: the same perturbation of the visible patches of row 0 moves its outputs
+    visible = dict(b, image=np.where(~pix_mask, r.integers(0, 256, b["image"].shape), b["image"]).astype(np.uint8))
+    moved = all_outputs(model, visible)
+    assert np.abs(np.asarray(moved["image_states"][0]) - np.asarray(before["image_states"][0])).max() > 1e-3
+
+
+def test_mlm_logits_are_float32_under_bfloat16():
+    """bf16 compute, float32 logits: the decoder matmul must not round its result to bf16 (a bf16
+    result cast to float32 is exactly representable in bf16; an f32-accumulated one almost never)."""
+    m16, m32 = fast_model(dtype="bfloat16"), fast_model()
+    states = jnp.asarray(np.random.default_rng(0).normal(size=(2, L, 32)), jnp.float32)
+    logits = np.asarray(m16.mlm_logits(states.astype(jnp.bfloat16)))
+    assert logits.dtype == np.float32
+    as_bf16 = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert (as_bf16 == logits).mean() < 0.05
+    np.testing.assert_allclose(logits, np.asarray(m32.mlm_logits(states)), atol=0.1)  # same model, bf16 inputs
+    assert m16.regenerate(states.astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+def reference_attention(x, q, k, v, qkv_bias, out, out_bias, key_valid):
+    """Masked softmax attention written out in numpy float64."""
+    x = np.asarray(x, np.float64)
+    qh = np.einsum("btd,dhk->bthk", x, q) + qkv_bias[0]
+    kh = np.einsum("btd,dhk->bthk", x, k) + qkv_bias[1]
+    vh = np.einsum("btd,dhk->bthk", x, v) + qkv_bias[2]
+    logits = np.einsum("bqhk,bthk->bhqt", qh, kh) / np.sqrt(q.shape[-1])
+    logits = np.where(key_valid[:, None, None, :], logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bqhk,hkd->bqd", np.einsum("bhqt,bthk->bqhk", w, vh), out) + out_bias
+
+
+def test_attention_matches_a_numpy_reference_with_the_key_mask():
+    model = fast_model()
+    attn = model.encoder.blocks[0].attn
+    r = np.random.default_rng(0)
+    with nnx.use_eager_sharding(False):
+        attn.qkv_bias[...] = jnp.asarray(r.normal(size=attn.qkv_bias.shape) * 0.1, jnp.float32)
+        attn.out_bias[...] = jnp.asarray(r.normal(size=attn.out_bias.shape) * 0.1, jnp.float32)
+    x = r.normal(size=(3, 7, 32)).astype(np.float32)
+    key_valid = np.array([[1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1, 0, 1], [1, 0, 0, 0, 0, 0, 0]], bool)
+    got = np.asarray(attn(jnp.asarray(x), jnp.asarray(key_valid)))
+    p = {n: np.asarray(getattr(attn, n)[...], np.float64) for n in ("q", "k", "v", "qkv_bias", "out", "out_bias")}
+    np.testing.assert_allclose(got, reference_attention(x, **p, key_valid=key_valid), atol=2e-5)
+    x2 = x.copy()
+    x2[1, [1, 2, 5]] += 10.0  # masked keys/values: the other queries' outputs do not move
+    got2 = np.asarray(attn(jnp.asarray(x2), jnp.asarray(key_valid)))
+    np.testing.assert_allclose(got2[1, [0, 3, 4, 6]], got[1, [0, 3, 4, 6]], atol=1e-5)
+
+
+def test_attention_kernel_choice(monkeypatch):
+    assert vit.attention_implementation("auto", jnp.float32) == "xla"
+    assert vit.attention_implementation("auto", jnp.bfloat16) == "xla"  # this is a CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert vit.attention_implementation("auto", jnp.bfloat16) == "cudnn"  # fused flash kernel on GPU
+    assert vit.attention_implementation("auto", jnp.float32) == "xla"  # cuDNN's kernel takes 16-bit inputs only
+    assert vit.attention_implementation("xla", jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="attention"):
+        vit.ViTConfig(attention="flash")
+
+
+def test_remat_recomputes_blocks_and_gives_the_same_gradients():
+    b = random_batch()
+
+    def grads_and_flops(remat):
+        model = fast_model(remat=remat)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            img, txt = nnx.merge(graphdef, p)(jnp.asarray(b["image"]), jnp.asarray(b["image_present"]),
+                                              jnp.asarray(b["patch_mask"]), jnp.asarray(b["text_ids"]),
+                                              jnp.asarray(b["text_valid"]))
+            return (img**2).mean() + (txt**2).mean()
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return jax.tree.leaves(compiled(params)), compiled.cost_analysis()["flops"]
+
+    g0, f0 = grads_and_flops("none")
+    g1, f1 = grads_and_flops("full")
+    for a, c in zip(g0, g1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
+    assert f1 > 1.15 * f0  # the forward pass of every block runs again in the backward pass
+    with pytest.raises(ValueError, match="remat"):
+        vit.ViTConfig(remat="yes")
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = fast_model()
+    params = nnx.state(model, nnx.Param)
+    mask = train_mvlm.decay_mask(params)
+    flat = {"/".join(map(str, p)): bool(v.get_value()) for p, v in nnx.to_flat_state(mask)}
+    decayed = {k for k, v in flat.items() if v}
+    per_block = {"attn/q", "attn/k", "attn/v", "attn/out", "mlp/fc1/kernel", "mlp/fc2/kernel"}
+    assert decayed == ({f"encoder/blocks/{i}/{n}" for i in range(2) for n in per_block}
+                       | {"patch_embed/proj/kernel", "token_embed/embedding", "mlm_dense/kernel", "mvm_head/kernel",
+                          "image_proj/kernel", "text_proj/kernel"})
+    for k in ("encoder/blocks/0/attn/qkv_bias", "type_embed", "text_pos", "cls", "mask_patch", "logit_scale",
+              "mlm_bias", "encoder/norm/scale", "mvm_head/bias"):
+        assert flat[k] is False, k
+    # and the optimizer acts on it: zero gradients -> only the decayed leaves shrink, by (1 - lr * wd)
+    config = tiny_config()
+    config.optim.update(warmup_steps=0, lr=0.1, weight_decay=0.5, clip_norm=0.0)
+    tx, _ = train_mvlm.optimizer(config, total_steps=10)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax_apply(params, updates)
+    for path, v in nnx.to_flat_state(params):
+        name = "/".join(map(str, path))
+        after = np.asarray(dict(nnx.to_flat_state(new))[path].get_value())
+        expect = np.asarray(v.get_value()) * (1 - 0.1 * 0.5 if name in decayed else 1.0)
+        np.testing.assert_allclose(after, expect, rtol=1e-6, err_msg=name)
+
+
+def optax_apply(params, updates):
+    import optax
+
+    return optax.apply_updates(params, updates)
+
+
+class _FakeDevice:
+    def __init__(self, process_index):
+        self.process_index = process_index
+
+
+class _FakeSharding:
+    """devices_indices_map of a batch split over 4 devices of 2 processes, in a given device order."""
+
+    def __init__(self, owners):
+        self.owners = owners  # owners[i]: process of the i-th quarter of the batch
+
+    def devices_indices_map(self, shape):
+        q = shape[0] // len(self.owners)
+        return {_FakeDevice(p): (slice(i * q, (i + 1) * q),) for i, p in enumerate(self.owners)}
+
+
+def test_paired_rows_of_a_multi_process_global_batch():
+    from cxrjax.data import vl_pipeline as V
+
+    counts = {"paired": 4, "image": 2, "text": 2}
+    one = V.kind_rows(counts)
+    assert one["paired"].tolist() == [0, 1, 2, 3] and one["text"].tolist() == [6, 7]
+    # two processes: each local batch is [paired, paired, image, text]
+    two = V.kind_rows(counts, _FakeSharding([0, 0, 1, 1]))
+    assert two["paired"].tolist() == [0, 1, 4, 5] and two["image"].tolist() == [2, 6] and two["text"].tolist() == [3, 7]
+    # a device order that interleaves the processes' rows
+    mixed = V.kind_rows(counts, _FakeSharding([0, 1, 0, 1]))
+    assert mixed["paired"].tolist() == [0, 1, 2, 3] and mixed["image"].tolist() == [4, 6] and mixed["text"].tolist() == [5, 7]
+    eight = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = V.kind_rows(counts, jax.sharding.NamedSharding(eight, P("data")))  # one process, 8 devices
+    assert sharded["paired"].tolist() == [0, 1, 2, 3]
+    assert train_mvlm.contiguous_runs([0, 1, 4, 5]) == [(0, 2), (4, 6)]

@@ -134,3 +134,48 @@ def test_reports_from_another_source(phantom, tmp_path):
     np.testing.assert_array_equal(b["source"], [0, 0, 0, 0, 2, 2, 2, 2])
     texts = {T.decode(tok, np.where(b["text_labels"][i] >= 0, b["text_labels"][i], b["text_ids"][i])) for i in range(4, 8)}
     assert texts <= {"no acute findings.", "small left effusion."}
+
+
+def test_16_bit_records_are_normalised_by_their_full_scale(tmp_path):
+    """The same images prepared as 8-bit and as 16-bit records give the same normalised batch (to the
+    8-bit rounding of the augmentation's interpolation); 16-bit pixels stay uint16 up to the device."""
+    import jax.numpy as jnp
+    import pandas as pd
+    from PIL import Image
+
+    from cxrjax import prepare
+    from cxrjax.data import phantom
+    from cxrjax.models import mvlm
+
+    table = phantom.make_table(6, seed=1).head(8)
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = []
+    for i, row in enumerate(table.itertuples()):
+        Image.fromarray(phantom.render_image(table.iloc[i], size=48)).save(src / f"{i}.png")
+        rows.append({"File": f"{i}.png", "PID": f"p{i}", "Report": row.report, "Split": "train"})
+    pd.DataFrame(rows).to_csv(src / "meta.csv", index=False)
+    mapping = "path=File,patient_id=PID,report=Report,split=Split"
+    out = {}
+    for bits in (8, 16):
+        d = tmp_path / f"bits{bits}"
+        prepare.prepare_dataset("csv", d, src=str(src / "meta.csv"), csv_mapping=mapping, size=48, bit_depth=bits,
+                                workers=1, strategies=[])
+        pc = pipeline.PipelineConfig(data_dir=str(d), batch_size=8, seed=3, mode="eval", num_workers=0,
+                                     augment=augment_lib.AugmentConfig(size=32), process_index=0, process_count=1)
+        cfg = V.VLConfig(pipeline=pc, shares=(("paired", 0.5), ("image", 0.25), ("text", 0.25)), paired_fraction=0.5,
+                         max_len=24, patch=8, mask=V.MaskConfig(scales=(1, 2)))
+        tok = T.train_tokenizer(list(table["report"]), 300)
+        out[bits] = next(V.make_vl_dataset(cfg, tok).__iter__())
+    b8, b16 = out[8], out[16]
+    assert b8["image"].dtype == np.uint8 and b16["image"].dtype == np.uint16
+    np.testing.assert_array_equal(b8["row"], b16["row"])  # the same examples, masks and views
+    np.testing.assert_array_equal(b8["patch_mask"], b16["patch_mask"])
+    x8, x16 = np.asarray(mvlm.normalize(jnp.asarray(b8["image"]))), np.asarray(mvlm.normalize(jnp.asarray(b16["image"])))
+    one_level = 1 / 255 / augment_lib.CXR_STD  # one 8-bit grey level, normalised
+    assert np.abs(x16 - x8).max() <= 1.01 * one_level
+    assert np.abs(x16 - x8).mean() < 0.3 * one_level
+    assert x16[b16["image_present"]].std() > 0.5  # real images, not blanks
+    t8, t16 = mvlm.patch_targets(jnp.asarray(b8["image"]), 8), mvlm.patch_targets(jnp.asarray(b16["image"]), 8)
+    flat = np.asarray(t8).std(-1) > 0.5  # per-patch normalised targets agree where a patch has contrast
+    assert np.abs(np.asarray(t16) - np.asarray(t8))[flat].mean() < 0.05

@@ -1,5 +1,5 @@
 """The masked vision-language job end to end on a tiny phantom: train, resume = uninterrupted, and the
-retrieval / regeneration eval jobs reading its checkpoint."""
+retrieval / regeneration eval jobs reading its checkpoint, checked against independent recomputations."""
 
 import json
 import shutil
@@ -41,7 +41,14 @@ def tiny_config(data_dir):
 def test_train_resume_and_evaluate(phantom, tmp_path):
     import jax
 
+    import jax.numpy as jnp
+    import numpy as np
+    import pandas as pd
+
+    from cxrjax.data import augment as augment_lib
+    from cxrjax.data import vl_pipeline
     from cxrjax.eval import regeneration, retrieval
+    from cxrjax.text import tokenizer as tok_lib
     from cxrjax.train import mvlm
 
     jax.config.update("jax_threefry_partitionable", True)
@@ -63,13 +70,46 @@ def test_train_resume_and_evaluate(phantom, tmp_path):
         for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss"):
             assert again[step][k] == first[step][k], (step, k)
 
+    # Retrieval, recomputed independently: the test images with a report, the distinct reports, one
+    # unbatched forward pass each, cosine similarities, ranks by sorting.
     r = retrieval.evaluate(str(work), split="test")
-    for direction in ("image_to_report", "report_to_image"):
-        m = r["retrieval"][direction]
-        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1 and 1 <= m["mean_rank"] <= m["n_gallery"]
     assert json.loads((work / "eval_retrieval_test.json").read_text())["step"] == 4
+    cfg, data_dir, tok, model, step = mvlm.load_run(str(work))
+    assert step == 4
+    held = vl_pipeline.load_eval_split(data_dir, "test", augment_lib.AugmentConfig.from_dict(cfg.augment))
+    table = pd.read_parquet(Path(phantom) / "table.parquet")
+    test_reports = table.loc[table["split"] == "test", "report"].fillna("")
+    keep = [i for i, rep in enumerate(held["report"]) if rep.strip()]
+    reports = [held["report"][i] for i in keep]
+    distinct = list(dict.fromkeys(reports))
+    assert len(keep) == int((test_reports.str.strip() != "").sum()) and set(distinct) == set(test_reports) - {""}
+    img = np.asarray(model.image_proj(model.embed_image(jnp.asarray(held["image"][keep]))))
+    ids, valid = tok_lib.encode(tok, distinct, cfg.text.max_len)
+    txt = np.asarray(model.text_proj(model.embed_text(jnp.asarray(ids), jnp.asarray(valid))))
+    sim = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    truth = np.array([distinct.index(rep) for rep in reports])
+    rank = np.array([1 + (row > row[t] + 1e-6).sum() for row, t in zip(sim, truth)])  # 1e-6: float noise of batching
+    i2r = r["retrieval"]["image_to_report"]
+    assert (i2r["n_queries"], i2r["n_gallery"]) == (len(keep), len(distinct))
+    for k in (1, 5, 10):
+        assert i2r[f"R@{k}"] == pytest.approx((rank <= k).mean(), abs=1.5 / len(keep)), k
+    assert i2r["mean_rank"] == pytest.approx(rank.mean(), rel=0.02)
+    assert r["retrieval"]["report_to_image"]["n_queries"] == len(distinct)
+
+    # Regeneration: the "true patch mean" baseline is a closed form -- PSNR over the masked pixels of
+    # 255^2 / (the pixels' variance around their own patch mean) -- recomputed here from the images.
     g = regeneration.evaluate(str(work), split="test", rows=4)
-    assert set(g["scales"]) == {"1x1", "2x2"}
-    for s in g["scales"].values():
-        assert s["psnr_masked"] > 0 and -1 <= s["ssim"] <= 1
+    assert set(g["scales"]) == {"1x1", "2x2"} and g["n_images"] == len(held["image"])
+    grid, patch = cfg.augment.size // cfg.model.patch, cfg.model.patch
+    x = held["image"][..., 0].astype(np.float64)
+    n = len(x)
+    patches = x.reshape(n, grid, patch, grid, patch).transpose(0, 1, 3, 2, 4).reshape(n, grid * grid, patch * patch)
+    sq_dev = ((patches - patches.mean(-1, keepdims=True)) ** 2).mean(-1)  # (n, patches)
+    for s in (1, 2):
+        masks = np.stack([vl_pipeline.block_mask(grid, s, cfg.mask.image_ratio, np.random.default_rng([cfg.seed, int(r_), s]))
+                          for r_ in held["row"]])
+        expect = np.mean(10 * np.log10(255.0**2 / np.maximum((sq_dev * masks).sum(1) / masks.sum(1), 1e-12)))
+        got = g["scales"][f"{s}x{s}"]
+        assert got["baseline_patch_mean"]["psnr_masked"] == pytest.approx(expect, rel=1e-3)
+        assert got["psnr_masked"] != got["baseline_patch_mean"]["psnr_masked"]  # the model's prediction is used
     assert Path(g["grid"]).stat().st_size > 1000

@@ -17,8 +17,12 @@ text-only streams (the model never sees them together). With `text_source='repor
 stream is `reports.parquet` instead (e.g. OpenI reports from another institution: "images from A,
 reports from B").
 
-A batch (global, after the device iterator); B = sum of the per-source counts, paired rows first:
-    image (B, S, S, 1) uint8 (zeros when absent)    image_present (B,) bool
+A batch (global, after the device iterator); B = sum of the per-source counts. Each process's local
+batch is [paired, image, text]; the global batch is the processes' local batches side by side, so with
+several processes the paired rows are NOT the first B_paired rows (`kind_rows` says where they are):
+    image (B, S, S, 1) uint8, or uint16 for 16-bit records (zeros when absent); normalised on the device
+    by the dtype's full scale (`models.mvlm.normalize`)
+                                                    image_present (B,) bool
     patch_mask (B, N) bool, True = masked           mask_scale (B,) int32 index into cfg.mask.scales
     text_ids (B, L) int32 (after MLM corruption)    text_labels (B, L) int32 (original id; -1 = no target)
     text_valid (B, L) bool (no text: all False)     text_present (B,) bool
@@ -100,13 +104,16 @@ class VLConfig:
             raise ValueError(f"data.paired_fraction must be in [0, 1], got {self.paired_fraction}")
         if self.text_source not in TEXT_SOURCES:
             raise ValueError(f"data.text_source {self.text_source!r}; expected one of {TEXT_SOURCES}")
-        grid, rem = divmod(self.pipeline.augment.size, self.patch)
+        size = self.pipeline.augment.size
+        grid, rem = divmod(size, self.patch)
         if rem:
-            raise ValueError(f"augment.size {self.pipeline.augment.size} is not a multiple of the patch {self.patch}")
-        for s in self.mask.scales:
-            if grid % s or grid // s < 2:
-                raise ValueError(f"mask scale {s} must divide the {grid}x{grid} patch grid into at least 2x2 blocks "
-                                 "(a block as large as the image masks all of it)")
+            raise ValueError(f"augment.size {size} is not a multiple of the patch {self.patch}")
+        bad = [s for s in self.mask.scales if grid % s or grid // s < 2]
+        if bad:
+            fit = [s for s in range(1, grid // 2 + 1) if grid % s == 0]
+            raise ValueError(f"mask.scales {tuple(self.mask.scales)}: {bad} do not divide the {grid}x{grid} patch grid "
+                             f"({size} px / patch {self.patch}) into at least 2x2 blocks; scales that fit: "
+                             f"{', '.join(map(str, fit))} (--config.mask.scales=...)")
         self.counts()
 
     def counts(self) -> dict[str, int]:
@@ -131,6 +138,33 @@ class VLConfig:
     @property
     def grid(self) -> int:
         return self.pipeline.augment.size // self.patch
+
+
+def kind_rows(counts: dict[str, int], sharding=None) -> dict[str, np.ndarray]:
+    """Rows of the GLOBAL batch that hold each kind of example.
+
+    Every process's local batch is [paired, image, text] (counts[kind] / processes of each, KINDS
+    order); `jax.make_array_from_process_local_data` puts a process's local rows, in order, on the
+    rows its devices hold under `sharding` (the batch sharding of the step). sharding=None: one
+    process, local = global."""
+    b = sum(counts.values())
+    if sharding is None:
+        owned = [np.arange(b)]
+    else:
+        by_process: dict[int, set] = {}
+        for device, index in sharding.devices_indices_map((b,)).items():
+            by_process.setdefault(device.process_index, set()).update(range(*index[0].indices(b)))
+        owned = [np.array(sorted(by_process[p]), np.int64) for p in sorted(by_process)]
+    out = {k: [] for k in KINDS if k in counts}
+    for rows in owned:
+        if len(rows) * len(owned) != b:
+            raise ValueError(f"the batch sharding gives processes unequal shares of the {b} rows")
+        start = 0
+        for kind in out:
+            n = counts[kind] // len(owned)
+            out[kind].append(rows[start : start + n])
+            start += n
+    return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,11 +254,12 @@ def mlm_mask(ids: np.ndarray, cfg: MaskConfig, vocab_size: int, rng: np.random.G
 class VLSlots:
     """An example of any kind -> the static slots of a batch (absent modality: zeros, not present)."""
 
-    def __init__(self, cfg: VLConfig, tokenizer, kind: str):
+    def __init__(self, cfg: VLConfig, tokenizer, kind: str, dtype=np.uint8):
         self.cfg, self.kind = cfg, kind
         self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab_size()
         self.size = cfg.pipeline.augment.size
+        self.dtype = np.dtype(dtype)  # of the stored pixels: uint8, or uint16 for 16-bit records
 
     def __call__(self, ex: dict) -> dict:
         c, L = self.cfg, self.cfg.max_len
@@ -233,11 +268,14 @@ class VLSlots:
         out = {"row": np.int64(row), "source": np.int32(SOURCE_CODE[self.kind])}
         if "image" in ex:
             scale_index = int(rng.integers(len(c.mask.scales)))
-            out.update(image=np.asarray(ex["image"], np.uint8), image_present=np.bool_(True),
+            image = np.asarray(ex["image"])
+            if image.dtype != self.dtype:
+                raise ValueError(f"image of row {row} is {image.dtype}, the records hold {np.dtype(self.dtype)}")
+            out.update(image=image, image_present=np.bool_(True),
                        patch_mask=block_mask(c.grid, int(c.mask.scales[scale_index]), c.mask.image_ratio, rng),
                        mask_scale=np.int32(scale_index))
         else:
-            out.update(image=np.zeros((self.size, self.size, 1), np.uint8), image_present=np.bool_(False),
+            out.update(image=np.zeros((self.size, self.size, 1), self.dtype), image_present=np.bool_(False),
                        patch_mask=np.zeros(c.grid**2, bool), mask_scale=np.int32(-1))
         if "report" in ex:
             ids, valid = tok_lib.encode(self.tokenizer, [ex["report"]], L)
@@ -312,6 +350,7 @@ def make_vl_dataset(cfg: VLConfig, tokenizer, data: pipeline.PreparedData | None
     table = read_split_table(pc.data_dir, pc.split)
     recs = source_records(table, cfg.paired_fraction, pc.seed)
     _, count = pc.layout()
+    dtype = np.dtype(reader.format.dtype)  # uint8, or uint16 for 16-bit records: kept to the device
     streams = []
     for kind, n in cfg.counts().items():
         if kind == "text" and cfg.text_source == "reports":
@@ -320,10 +359,14 @@ def make_vl_dataset(cfg: VLConfig, tokenizer, data: pipeline.PreparedData | None
         else:
             ids, example = recs[kind], pipeline.VLExample(data, reader, pc, kind)
         if len(ids) == 0:
+            why = {"paired": "no training image of the paired patients has a report",
+                   "image": "every training image has a report and belongs to a paired patient",
+                   "text": "no unpaired patient has a report"}[kind]
             raise ValueError(f"data.shares asks for {kind} examples but there are none in split {pc.split!r} of "
-                             f"{pc.data_dir} (paired_fraction={cfg.paired_fraction}, text_source={cfg.text_source!r})")
+                             f"{pc.data_dir}: {why} (paired_fraction={cfg.paired_fraction}, "
+                             f"text_source={cfg.text_source!r}); change data.paired_fraction or data.shares")
         log.info("vision-language stream %s: %d examples, %d per batch", kind, len(ids), n)
-        ds = _stream(ids, pc, SOURCE_CODE[kind], example).filter(pipeline._is_good).map(VLSlots(cfg, tokenizer, kind))
+        ds = _stream(ids, pc, SOURCE_CODE[kind], example).filter(pipeline._is_good).map(VLSlots(cfg, tokenizer, kind, dtype))
         streams.append(ds.to_iter_dataset(grain.ReadOptions(num_threads=pc.read_threads, prefetch_buffer_size=2 * n))
                        .batch(n // count, drop_remainder=True))
     it = grain.experimental.ZipIterDataset(streams).map(_concat)
@@ -353,7 +396,7 @@ def load_eval_split(data_dir: str | Path, split: str, augment: augment_lib.Augme
                     name: str | None = None, with_images: bool = True) -> dict:
     """All images of `split` with the eval transform (resize + centre crop), their reports and labels.
 
-    Returns image (n, S, S, 1) uint8, report (list of str, '' = none), labels (n, 14) float32,
+    Returns image (n, S, S, 1) uint8 (uint16 for 16-bit records), report (list of str, '' = none), labels (n, 14) float32,
     row (n,) int64, patient (n,) str, source (n,) str. Corrupt records are left out with a warning."""
     data = pipeline.load_prepared(data_dir, split, None, None, name)
     table = read_split_table(data_dir, split)
@@ -373,7 +416,8 @@ def load_eval_split(data_dir: str | Path, split: str, augment: augment_lib.Augme
     out = {"report": list(t["report"]), "labels": data.labels[rows], "row": rows,
            "patient": t["patient_id"].astype(str).to_numpy(), "source": t["source"].astype(str).to_numpy()}
     if with_images:
-        out["image"] = np.stack(images).astype(np.uint8) if images else np.zeros((0, augment.size, augment.size, 1), np.uint8)
+        dtype = np.dtype(reader.format.dtype)
+        out["image"] = np.stack(images).astype(dtype) if images else np.zeros((0, augment.size, augment.size, 1), dtype)
     return out
 
 

@@ -8,7 +8,8 @@ sees the masked image (and the image's report when it has one and --with_report)
 masked patches. With `model.norm_pix` the prediction is per-patch normalised (MAE's target): it is put
 back into pixels with the TRUE patch's mean and std, as MAE's visualisations do -- so the low
 frequencies are given, and the baseline to beat is "fill each masked patch with its true mean", reported
-beside the model (`baseline_patch_mean`). PSNR: over the masked pixels only, 8-bit range. SSIM: Gaussian
+beside the model (`baseline_patch_mean`). PSNR: over the masked pixels only, 8-bit range (16-bit records
+are scaled to it). SSIM: Gaussian
 window (11 taps, sigma 1.5, K1 0.01, K2 0.03, Wang et al. 2004 / scikit-image's gaussian_weights=True),
 mean over the windows that lie inside the image, original vs regenerated composite.
 Writes WORKDIR/eval_regeneration_<split>.json and WORKDIR/regeneration_<split>.png
@@ -71,8 +72,7 @@ def regenerate(model, images: np.ndarray, patch_mask: np.ndarray, text_ids, text
     import jax.numpy as jnp
     from flax import nnx
 
-    from cxrjax.data import augment as augment_lib
-    from cxrjax.models import vit
+    from cxrjax.models import mvlm, vit
 
     graphdef, params = nnx.split(model)
     patch = model.cfg.vit.patch
@@ -88,7 +88,7 @@ def regenerate(model, images: np.ndarray, patch_mask: np.ndarray, text_ids, text
         sl = slice(s, s + batch_size)
         outs.append(np.asarray(predict(params, images[sl], patch_mask[sl], text_ids[sl], text_valid[sl])))
     pred = np.concatenate(outs)
-    true = np.asarray(vit.patchify(augment_lib.normalize(images.astype(np.float32)), patch))  # normalised pixels
+    true = np.asarray(vit.patchify(mvlm.normalize(jnp.asarray(images)), patch))  # normalised pixels (uint8/uint16)
     mean, std = true.mean(-1, keepdims=True), np.sqrt(true.var(-1, keepdims=True) + 1e-6)
     pred_pix = pred * std + mean if norm_pix else pred
     m = patch_mask[..., None]
@@ -102,6 +102,7 @@ def evaluate(workdir: str, split: str | None = None, rows: int = 8, with_report:
              step: int | None = None) -> dict:
     from cxrjax.data import augment as augment_lib
     from cxrjax.data import vl_pipeline
+    from cxrjax.models import mvlm
     from cxrjax.text import tokenizer as tok_lib
     from cxrjax.train import mvlm as train_mvlm
 
@@ -124,7 +125,7 @@ def evaluate(workdir: str, split: str | None = None, rows: int = 8, with_report:
                                                  np.random.default_rng([config.seed, int(r), s])) for r in held["row"]])
         regen, base = regenerate(model, images, masks, ids, valid, config.model.norm_pix, config.eval.batch_size)
         pix_mask = masks.reshape(n, grid, grid).repeat(patch, 1).repeat(patch, 2)
-        orig = images[..., 0].astype(np.float64)
+        orig = images[..., 0].astype(np.float64) * (255.0 / mvlm.max_pixel_value(images.dtype))  # 8-bit scale
         result["scales"][f"{s}x{s}"] = {
             "psnr_masked": float(psnr_masked(orig, regen, pix_mask).mean()),
             "ssim": float(np.asarray(ssim(orig, regen)).mean()),

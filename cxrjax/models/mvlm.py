@@ -4,12 +4,17 @@ One pre-LN transformer over [CLS, image patch tokens, report word pieces]:
     token  = content + type embedding (0 CLS, 1 image, 2 text) + position embedding
              (fixed 2-D sin-cos for patches as in MAE; learned 1-D for word pieces)
     masked patches are replaced by a learned [MASK] patch embedding (SimMIM-style replacement, not
-    MAE's dropping: static shapes, and every block scale uses one code path)
+    MAE's dropping: static shapes, and every block scale uses one code path); a patch token depends
+    on its own patch's pixels only (both stems, `vit.PatchEmbed`), so the pixels under a mask reach no
+    output (tested)
+    pixels: uint8 or uint16 records, normalised on the device by their dtype's full scale (255 / 65535)
     attention: a token may attend to the CLS token and to every present token -- an absent modality
     (image-only / text-only examples) is invisible, so their outputs cannot depend on its content.
 Heads:
-    MLM: dense -> GELU -> LayerNorm -> decoder TIED to the word-piece embedding (+ a bias), BERT's.
-    MVM (regeneration): linear -> the patch's pixels, normalised per patch (MAE's norm_pix target).
+    MLM: dense -> GELU -> LayerNorm -> decoder TIED to the word-piece embedding (+ a bias), BERT's;
+    the decoder matmul accumulates and returns float32 logits under a bfloat16 compute dtype.
+    MVM (regeneration): linear -> the patch's pixels, normalised per patch (MAE's norm_pix target);
+    float32 output likewise.
     ITC (optional): linear projections of the pooled single-modality embeddings, InfoNCE with a
     learned temperature (CLIP), on paired examples.
 Pooled embedding (features, retrieval): the mean of the final token states of one modality, from a
@@ -58,11 +63,11 @@ class MVLM(nnx.Module):
         self.mask_patch = nnx.Param(emb_init(rngs.params(), (d,)))
         self.type_embed = nnx.Param(emb_init(rngs.params(), (3, d)))
         self.text_pos = nnx.Param(vit.partitioned(emb_init, (None, "embed"))(rngs.params(), (cfg.max_len, d)))
-        self.encoder = vit.Encoder(v.size, dt, rngs=rngs)
+        self.encoder = vit.Encoder(v, rngs=rngs)
         self.mlm_dense = nnx.Linear(d, d, dtype=dt, rngs=rngs, kernel_init=vit.partitioned(vit.dense_init, ("embed", None)))
         self.mlm_norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=dt, rngs=rngs)
         self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,)))
-        self.mvm_head = nnx.Linear(d, v.patch_dim, dtype=dt, rngs=rngs,
+        self.mvm_head = nnx.Linear(d, v.patch_dim, dtype=dt, preferred_element_type=jnp.float32, rngs=rngs,
                                    kernel_init=vit.partitioned(vit.dense_init, ("embed", "patch")))
         if cfg.proj_dim:
             self.image_proj = nnx.Linear(d, cfg.proj_dim, use_bias=False, dtype=dt, rngs=rngs,
@@ -74,13 +79,12 @@ class MVLM(nnx.Module):
     # -- the joint pass ----------------------------------------------------------------------
 
     def __call__(self, image, image_present, patch_mask, text_ids, text_valid) -> tuple[jax.Array, jax.Array]:
-        """image (B,S,S,1) uint8 or float (already normalised); image_present (B,); patch_mask (B,N)
+        """image (B,S,S,1) uint8/uint16 or float (already normalised); image_present (B,); patch_mask (B,N)
         True = masked; text_ids (B,L); text_valid (B,L) (all False = no text).
         -> (image token states (B,N,D), text token states (B,L,D))."""
         v, dt = self.cfg.vit, self.cfg.vit.compute_dtype
         b = image.shape[0]
-        x = image if jnp.issubdtype(image.dtype, jnp.floating) else augment_lib.normalize(image)
-        img = self.patch_embed(x.astype(dt))
+        img = self.patch_embed(normalize(image).astype(dt))
         img = jnp.where(patch_mask[..., None], self.mask_patch[...].astype(dt), img)
         img = img + jnp.asarray(vit.sincos_2d(v.grid, v.hidden), dt) + self.type_embed[TYPE_IMAGE].astype(dt)
         txt = self.token_embed(text_ids) + self.text_pos[...][: text_ids.shape[1]].astype(dt)
@@ -96,12 +100,14 @@ class MVLM(nnx.Module):
     # -- heads -------------------------------------------------------------------------------
 
     def mlm_logits(self, text_states: jax.Array) -> jax.Array:
+        """(B,L,D) -> (B,L,vocab) float32: the decoder matmul accumulates in and returns float32 whatever
+        the compute dtype (bfloat16 logits would round a logit of 10 to steps of 0.06)."""
         h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(text_states), approximate=False))
         emb = self.token_embed.embedding[...].astype(h.dtype)
-        return (jnp.einsum("bld,vd->blv", h, emb) + self.mlm_bias[...].astype(h.dtype)).astype(jnp.float32)
+        return jnp.einsum("bld,vd->blv", h, emb, preferred_element_type=jnp.float32) + self.mlm_bias[...]
 
     def regenerate(self, image_states: jax.Array) -> jax.Array:
-        """(B,N,D) -> predicted patch pixels (B,N,patch*patch*C), in the MVM target's normalisation."""
+        """(B,N,D) -> predicted patch pixels (B,N,patch*patch*C) float32, in the MVM target's normalisation."""
         return self.mvm_head(image_states).astype(jnp.float32)
 
     # -- single-modality embeddings (features, retrieval, ITC) -------------------------------
@@ -121,6 +127,22 @@ class MVLM(nnx.Module):
         return pool_text(states, text_valid)
 
 
+def max_pixel_value(dtype) -> float:
+    """Full scale of stored pixels: 255 for uint8 records, 65535 for 16-bit records (prepare --bit_depth=16)."""
+    if dtype == jnp.uint8:
+        return 255.0
+    if dtype == jnp.uint16:
+        return 65535.0
+    raise ValueError(f"images must be uint8 or uint16 pixels (or already-normalised floats), got {dtype}")
+
+
+def normalize(image: jax.Array) -> jax.Array:
+    """uint8/uint16 pixels -> float32 normalised (augment.normalize at the dtype's full scale); floats pass."""
+    if jnp.issubdtype(image.dtype, jnp.floating):
+        return image
+    return augment_lib.normalize(image, max_value=max_pixel_value(image.dtype))
+
+
 def pool_image(image_states: jax.Array) -> jax.Array:
     return image_states.astype(jnp.float32).mean(axis=1)
 
@@ -135,9 +157,9 @@ def pool_text(text_states: jax.Array, text_valid: jax.Array) -> jax.Array:
 
 
 def patch_targets(image: jax.Array, patch: int, norm_pix: bool = True) -> jax.Array:
-    """uint8 image -> per-patch regeneration targets (B,N,P): normalised pixels, then (norm_pix)
+    """uint8/uint16 image -> per-patch regeneration targets (B,N,P): normalised pixels, then (norm_pix)
     each patch standardised by its own mean/std (MAE)."""
-    x = vit.patchify(augment_lib.normalize(image), patch)
+    x = vit.patchify(normalize(image), patch)
     if norm_pix:
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         x = (x - mean) / jnp.sqrt(var + 1e-6)

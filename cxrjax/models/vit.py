@@ -1,21 +1,28 @@
-"""Vision Transformer pieces in Flax NNX: patch embedding (optionally a convolutional stem) and a
-pre-LN transformer encoder, with logical sharding names on every large parameter.
+"""Vision Transformer pieces in Flax NNX: patch embedding (linear, or a patch-local convolutional stem)
+and a pre-LN transformer encoder, with logical sharding names on every large parameter.
 
 Logical axis names (mapped to mesh axes by the trainer's rules; see `cxrjax.train.mesh.RULES`):
     'embed' hidden size, 'mlp' MLP hidden, 'heads' attention heads, 'kv' head dim,
     'patch' flattened patch pixels, 'vocab' vocabulary; None = never sharded.
 Biases and LayerNorm parameters carry no annotation (replicated: they are small).
+
+Accelerator options (`ViTConfig`): `attention` -- `jax.nn.dot_product_attention` with the XLA kernel or
+cuDNN's fused (flash) kernel on GPU; `remat` -- recompute each block's activations in the backward pass
+(`nnx.remat` per block) instead of keeping them, for large batches / long sequences.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+log = logging.getLogger(__name__)
 
 # (hidden, depth, heads, mlp): ViT-S/B/L of Dosovitskiy et al. / DeiT; `tiny` for CPU demos, `micro` for tests.
 SIZES = {
@@ -25,6 +32,10 @@ SIZES = {
     "base": (768, 12, 12, 3072),
     "large": (1024, 24, 16, 4096),
 }
+ATTENTION = ("auto", "xla", "cudnn")
+# What a rematerialised block keeps from its forward pass: 'full' nothing (inputs only), 'dots' the
+# outputs of its weight matmuls (q/k/v/out projections, MLP) -- elementwise ops and attention recomputed.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 dense_init = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -39,9 +50,13 @@ class ViTConfig:
     image_size: int = 224
     patch: int = 16
     channels: int = 1
-    stem: str = "none"  # 'none' (linear patch embedding) or 'conv' (early convolutions, Xiao et al. 2021)
+    stem: str = "none"  # 'none' (linear patch embedding) or 'conv' (early convolutions inside each patch)
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    width: int = 0  # > 0: this hidden size (MLP 4x) with the size's heads -- narrow test/debug models
+    depth_override: int = 0  # > 0: this many blocks instead of the size's depth -- shallow test/debug models
+    remat: str = "none"  # 'none', 'full' or 'dots' (REMAT_POLICIES): rematerialise each block
+    attention: str = "auto"  # 'xla', 'cudnn' (GPU, bf16/fp16) or 'auto' (cudnn where it applies, else xla)
 
     def __post_init__(self):
         if self.size not in SIZES:
@@ -54,10 +69,31 @@ class ViTConfig:
             raise ValueError(f"ViTConfig: the conv stem needs a power-of-two patch, got {self.patch}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ViTConfig: dtype {self.dtype!r}; expected 'float32' or 'bfloat16'")
+        if self.depth_override < 0:
+            raise ValueError(f"ViTConfig: depth_override {self.depth_override} must be >= 0")
+        if self.width < 0 or (self.width and (self.width % self.heads or self.width % 4)):
+            raise ValueError(f"ViTConfig: width {self.width} must be a multiple of 4 and of the {self.heads} heads "
+                             f"of size {self.size!r}")
+        if self.remat not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"ViTConfig: remat {self.remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"ViTConfig: attention {self.attention!r}; expected one of {ATTENTION}")
 
     @property
     def hidden(self) -> int:
-        return SIZES[self.size][0]
+        return self.width or SIZES[self.size][0]
+
+    @property
+    def depth(self) -> int:
+        return self.depth_override or SIZES[self.size][1]
+
+    @property
+    def heads(self) -> int:
+        return SIZES[self.size][2]
+
+    @property
+    def mlp(self) -> int:
+        return 4 * self.width if self.width else SIZES[self.size][3]
 
     @property
     def grid(self) -> int:
@@ -105,8 +141,17 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
 
 
 class PatchEmbed(nnx.Module):
-    """Image -> patch tokens: a linear map of flattened patches, or early convolutions (stride-2 3x3
-    convolutions down to the patch grid, then a 1x1 projection)."""
+    """Image -> patch tokens: a linear map of flattened patches, or early convolutions (Xiao et al. 2021:
+    stride-2 3x3 convolutions + LayerNorm + ReLU down to one pixel, then a 1x1 projection).
+
+    The convolutions run INSIDE each patch (every patch is its own zero-padded image): a patch token is
+    a function of that patch's pixels only, exactly as with the linear embedding. Xiao et al.'s stem
+    slides over the whole image, so its receptive fields overlap neighbouring patches; under masked
+    vision modelling that carries a masked patch's pixels into the visible tokens around it (measured:
+    max |change| 0.54 of the image states), i.e. the model could see its own targets. Patch-local
+    convolutions remove that path whatever the mask, and keep the visible tokens identical with and
+    without masking (no train/eval mismatch that zero-filling masked pixels before a global stem would
+    bring)."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -130,17 +175,28 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """(B, S, S, C) float -> (B, N, hidden)."""
-        if self.cfg.stem == "none":
-            return self.proj(patchify(images, self.cfg.patch))
-        x = images
+        c = self.cfg
+        patches = patchify(images, c.patch)  # (B, N, p*p*C)
+        if c.stem == "none":
+            return self.proj(patches)
+        b, n, _ = patches.shape
+        x = patches.reshape(b * n, c.patch, c.patch, c.channels)  # each patch its own image
         for conv, norm in zip(self.convs, self.norms):
             x = jax.nn.relu(norm(conv(x)))
-        b, g, _, c = x.shape
-        return self.proj(x.reshape(b, g * g, c))
+        return self.proj(x.reshape(b, n, x.shape[-1]))  # (B*N, 1, 1, w) -> (B, N, w)
+
+
+def attention_implementation(choice: str, dtype) -> str:
+    """'xla' or 'cudnn' for `jax.nn.dot_product_attention`: 'auto' takes cuDNN's fused kernel on a GPU
+    backend with a 16-bit compute dtype (what it supports), XLA everywhere else."""
+    if choice != "auto":
+        return choice
+    gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
 
 
 class Attention(nnx.Module):
-    def __init__(self, hidden: int, heads: int, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, heads: int, dtype, *, rngs: nnx.Rngs, implementation: str = "auto"):
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
         kv = hidden // heads
@@ -152,6 +208,7 @@ class Attention(nnx.Module):
         self.out = nnx.Param(partitioned(dense_init, ("heads", "kv", "embed"))(rngs.params(), (heads, kv, hidden)))
         self.out_bias = nnx.Param(jnp.zeros((hidden,)))
         self.dtype, self.scale = dtype, 1.0 / math.sqrt(kv)
+        self.implementation = implementation
 
     def __call__(self, x: jax.Array, key_valid: jax.Array) -> jax.Array:
         """x (B, T, D); key_valid (B, T) bool: which tokens may be attended to."""
@@ -160,11 +217,26 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt)) + b[0]
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt)) + b[1]
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt)) + b[2]
-        logits = jnp.einsum("bqhk,bthk->bhqt", q, k).astype(jnp.float32) * self.scale
-        logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-        y = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+        # Logits and softmax in float32 inside the kernel (XLA: preferred_element_type float32; cuDNN: fp32
+        # accumulation); the (B, heads, T, T) logits never leave it on the cuDNN path.
+        y = dot_product_attention(q, k, v, key_valid[:, None, None, :], self.scale, self.implementation, dt)
         return jnp.einsum("bqhk,hkd->bqd", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+_warned_fallback = []
+
+
+def dot_product_attention(q, k, v, mask, scale, choice: str, dtype):
+    impl = attention_implementation(choice, dtype)
+    if impl == "cudnn" and choice == "auto":
+        try:  # cuDNN checks shapes/head size/version while tracing; 'auto' falls back to XLA
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            if not _warned_fallback:
+                _warned_fallback.append(True)
+                log.warning("cuDNN attention unavailable for this shape (%s); using XLA attention", e)
+            impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
 
 
 class MLP(nnx.Module):
@@ -179,9 +251,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
 
-    def __init__(self, hidden: int, heads: int, mlp: int, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, heads: int, mlp: int, dtype, *, rngs: nnx.Rngs, attention: str = "auto"):
         self.norm1 = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
-        self.attn = Attention(hidden, heads, dtype, rngs=rngs)
+        self.attn = Attention(hidden, heads, dtype, rngs=rngs, implementation=attention)
         self.norm2 = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.mlp = MLP(hidden, mlp, dtype, rngs=rngs)
 
@@ -190,15 +262,22 @@ class Block(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Encoder(nnx.Module):
-    """`depth` pre-LN blocks and a final LayerNorm."""
+def _apply_block(block: Block, x, key_valid):
+    return block(x, key_valid)
 
-    def __init__(self, size: str, dtype, *, rngs: nnx.Rngs):
-        hidden, depth, heads, mlp = SIZES[size]
-        self.blocks = nnx.List([Block(hidden, heads, mlp, dtype, rngs=rngs) for _ in range(depth)])
-        self.norm = nnx.LayerNorm(hidden, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+class Encoder(nnx.Module):
+    """`depth` pre-LN blocks and a final LayerNorm; with `cfg.remat` each block is rematerialised."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        dt = cfg.compute_dtype
+        self.blocks = nnx.List([Block(cfg.hidden, cfg.heads, cfg.mlp, dt, rngs=rngs, attention=cfg.attention)
+                                for _ in range(cfg.depth)])
+        self.norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-6, dtype=dt, rngs=rngs)
+        self.remat = cfg.remat
 
     def __call__(self, x, key_valid):
+        apply = _apply_block if self.remat == "none" else nnx.remat(_apply_block, policy=REMAT_POLICIES[self.remat])
         for block in self.blocks:
-            x = block(x, key_valid)
+            x = apply(block, x, key_valid)
         return self.norm(x)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -32,6 +33,7 @@ from cxrjax.train import checkpoint as ckpt_lib
 from cxrjax.train import contrastive
 from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
+from cxrjax.train import preemption
 
 
 @struct.dataclass
@@ -71,9 +73,16 @@ def default_config():
         size=224, crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation=5.0, hflip_prob=0.0,
         brightness=0.0, contrast=0.0, jitter_prob=0.0, blur_prob=0.0, blur_sigma=(0.1, 2.0), eval_crop=1.0,
     ))
-    c.model = mlc.ConfigDict(dict(size="base", patch=16, stem="none", dtype="float32", proj_dim=256, norm_pix=True))
+    # width / depth: 0 = the size's own; > 0 a narrower / shallower model with the size's heads (tests, debugging).
+    # remat: 'none' | 'full' | 'dots' (rematerialise each block; vit.REMAT_POLICIES).
+    # attention: 'auto' (cuDNN's fused kernel on GPU with bf16, else XLA) | 'xla' | 'cudnn'.
+    c.model = mlc.ConfigDict(dict(size="base", patch=16, stem="none", dtype="float32", proj_dim=256, norm_pix=True,
+                                  width=0, depth=0, remat="none", attention="auto"))
     c.text = mlc.ConfigDict(dict(vocab_size=8000, max_len=128, min_frequency=2))
-    c.mask = mlc.ConfigDict(dict(image_ratio=0.5, scales=(1, 2, 4), text_prob=0.15, text_mask_frac=0.8,
+    # Block sides (in patches) of the multi-scale masks: each must divide the patch grid into >= 2x2 blocks.
+    # 224 px / patch 16 = a 14x14 grid, divided by 1, 2 and 7 (16, 32 and 112 px blocks; 7 = quadrants);
+    # 1/2/4 need a grid divisible by 4 (e.g. 256 px: --config.augment.size=256 --config.mask.scales=1,2,4).
+    c.mask = mlc.ConfigDict(dict(image_ratio=0.5, scales=(1, 2, 7), text_prob=0.15, text_mask_frac=0.8,
                                  text_random_frac=0.1))
     c.loss = mlc.ConfigDict(dict(mlm=1.0, mvm=1.0, itc=0.5))  # itc: image-report contrastive on paired rows
     c.optim = mlc.ConfigDict(dict(lr=1.5e-4, weight_decay=0.05, b1=0.9, b2=0.95, warmup_steps=2000, clip_norm=1.0))
@@ -82,15 +91,19 @@ def default_config():
     return c
 
 
+VARIANTS = ("demo", "bf16", "conv", "small", "large", "remat")
+
+
 def apply_variants(c, arg: str | None):
-    """`:variant` options (comma-separated): demo (phantom, minutes on CPU), bf16, conv (CNN stem),
-    small / large (ViT-S/16, ViT-L/16)."""
+    """`:variant` options (comma-separated): demo (phantom, minutes on CPU), bf16, conv (patch-local CNN
+    stem), small / large (ViT-S/16, ViT-L/16), remat (rematerialise every block)."""
     for v in filter(None, (arg or "").split(",")):
         if v == "demo":
             c.data.dir = ""
             c.phantom.patients, c.phantom.size = 400, 64
             c.augment.size = 64
             c.model.update(size="tiny", patch=8, proj_dim=64)
+            c.mask.scales = (1, 2, 4)  # 64 px / patch 8 = an 8x8 grid
             c.text.update(vocab_size=1000, max_len=64)  # the phantom's reports: ~60 word pieces
             c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 200, 25, 100
             c.optim.update(lr=1e-3, warmup_steps=30, weight_decay=0.05)
@@ -102,8 +115,10 @@ def apply_variants(c, arg: str | None):
             c.model.stem = "conv"
         elif v in ("small", "large"):
             c.model.size = v
+        elif v == "remat":
+            c.model.remat = "full"
         else:
-            raise ValueError(f"unknown config variant {v!r}; known: demo, bf16, conv, small, large")
+            raise ValueError(f"unknown config variant {v!r}; known: {', '.join(VARIANTS)}")
     return c
 
 
@@ -112,10 +127,12 @@ def apply_variants(c, arg: str | None):
 
 
 def model_config(config, vocab_size: int) -> mvlm.MVLMConfig:
-    m = config.model
+    m = config.model  # .get: configs of runs from before width/remat/attention existed
     return mvlm.MVLMConfig(
         vit=vit.ViTConfig(size=m.size, image_size=config.augment.size, patch=m.patch, channels=1, stem=m.stem,
-                          dtype=m.dtype),
+                          dtype=m.dtype, width=m.get("width", 0), depth_override=m.get("depth", 0),
+                          remat=m.get("remat", "none"),
+                          attention=m.get("attention", "auto")),
         vocab_size=vocab_size, max_len=config.text.max_len, proj_dim=m.proj_dim if config.loss.itc > 0 else 0,
         norm_pix=m.norm_pix)
 
@@ -132,22 +149,45 @@ def load_or_train_tokenizer(config, vl_cfg, workdir, note):
     return tok
 
 
+# Leaves that are matrices of linear maps: dense/conv kernels, the attention projections (q/k/v as
+# (embed, heads, kv), out as (heads, kv, embed)) and the word-piece embedding (also the tied MLM decoder).
+DECAYED_LEAVES = ("kernel", "q", "k", "v", "out", "embedding")
+
+
+def decay_mask(params):
+    """True for the leaves weight decay applies to: matrices of linear maps (`DECAYED_LEAVES`). Not
+    decayed (ViT/MAE/BERT practice): biases (incl. the (3, heads, kv) qkv bias), LayerNorm scales and
+    offsets, the CLS and [MASK] tokens, type and position embeddings, the MLM output bias, the ITC
+    temperature."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_name(path) in DECAYED_LEAVES, params)
+
+
+def param_name(path) -> str:
+    """The parameter's own name in a key path ('kernel', 'q', 'scale', ...): its last dictionary key."""
+    return next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+
 def optimizer(config, total_steps: int):
     o = config.optim
     schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, min(o.warmup_steps, total_steps - 1), total_steps)
-
-    def decay_mask(params):  # no weight decay on biases, norms, embeddings of types/positions (ViT/BERT)
-        return jax.tree.map(lambda x: x.ndim >= 2, params)
-
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
     return tx, schedule
 
 
-def make_train_step(config, graphdef, tx, schedule, num_paired: int):
-    """The pure step: one joint masked pass (+ clean single-modality passes of the paired rows for ITC)."""
+def make_train_step(config, graphdef, tx, schedule, paired_rows):
+    """The pure step: one joint masked pass (+ clean single-modality passes of the paired rows for ITC).
+
+    `paired_rows`: the global batch rows holding paired examples (`vl_pipeline.kind_rows`: each
+    process's block of the global batch starts with its own paired rows, so with several processes
+    they are not the first rows). Static: a concatenation of static slices, no gather."""
     w = config.loss
     patch, norm_pix, num_scales = config.model.patch, config.model.norm_pix, len(config.mask.scales)
+    runs = contiguous_runs(paired_rows)
+    num_paired = len(paired_rows)
+
+    def paired(x):
+        return jnp.concatenate([x[a:b] for a, b in runs]) if len(runs) > 1 else x[runs[0][0] : runs[0][1]]
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
@@ -156,16 +196,17 @@ def make_train_step(config, graphdef, tx, schedule, num_paired: int):
         b = image.shape[0]
         itc = w.itc > 0 and num_paired > 1
         if itc:
-            # The clean single-modality passes of the paired rows (paired rows come first in every batch)
-            # ride in the same encoder call as extra rows: one pass, one large matmul per layer.
-            p = slice(0, num_paired)
-            clean_ids = jnp.where(batch["text_labels"][p] >= 0, batch["text_labels"][p], ids[p])
+            # The clean single-modality passes of the paired rows ride in the same encoder call as extra
+            # rows: one pass, one large matmul per layer.
+            p_labels, p_ids, p_image, p_valid = (paired(batch["text_labels"]), paired(ids), paired(image),
+                                                 paired(text_valid))
+            clean_ids = jnp.where(p_labels >= 0, p_labels, p_ids)  # undo the MLM corruption
             no = jnp.zeros((num_paired,), bool)
-            image = jnp.concatenate([image, image[p], jnp.zeros_like(image[p])])
+            image = jnp.concatenate([image, p_image, jnp.zeros_like(p_image)])
             present = jnp.concatenate([present, ~no, no])
-            patch_mask = jnp.concatenate([patch_mask, jnp.zeros_like(patch_mask[p]), jnp.zeros_like(patch_mask[p])])
-            ids = jnp.concatenate([ids, jnp.zeros_like(ids[p]), clean_ids])
-            text_valid = jnp.concatenate([text_valid, jnp.zeros_like(text_valid[p]), text_valid[p]])
+            patch_mask = jnp.concatenate([patch_mask, jnp.zeros((2 * num_paired, patch_mask.shape[1]), bool)])
+            ids = jnp.concatenate([ids, jnp.zeros_like(p_ids), clean_ids])
+            text_valid = jnp.concatenate([text_valid, jnp.zeros_like(p_valid), p_valid])
         img_states, txt_states = model(image, present, patch_mask, ids, text_valid)
         l_mvm, metrics = mvlm.mvm_loss(model.regenerate(img_states[:b]), patch_targets(batch["image"]),
                                        batch["patch_mask"], batch["image_present"], batch["mask_scale"], num_scales)
@@ -175,7 +216,7 @@ def make_train_step(config, graphdef, tx, schedule, num_paired: int):
         if itc:
             img = model.image_proj(mvlm.pool_image(img_states[b : b + num_paired]))
             txt = model.text_proj(mvlm.pool_text(txt_states[b + num_paired :], text_valid[b + num_paired :]))
-            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], batch["source"][:num_paired] == 0)
+            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], paired(batch["source"]) == 0)
             metrics.update(m)
             total = total + w.itc * l_itc
         metrics["loss"] = total
@@ -211,8 +252,23 @@ class Training:
     train_step: object
 
 
-def build_training(config, mesh, vocab_size: int, total_steps: int, num_paired: int) -> Training:
-    """Model -> shardings (logical names -> mesh) -> optimizer -> sharded initial state -> jitted step."""
+def contiguous_runs(rows) -> list[tuple[int, int]]:
+    """Sorted row indices -> [(start, stop), ...] of their contiguous runs."""
+    rows = [int(r) for r in rows]
+    runs = []
+    for r in rows:
+        if runs and r == runs[-1][1]:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs or [(0, 0)]
+
+
+def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict[str, int]) -> Training:
+    """Model -> shardings (logical names -> mesh) -> optimizer -> sharded initial state -> jitted step.
+
+    counts: examples of each kind per global batch (`VLConfig.counts()`); with the batch sharding they
+    give where the paired rows sit in the global batch (`vl_pipeline.kind_rows`)."""
     mcfg = model_config(config, vocab_size)
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(lambda: mvlm.MVLM(mcfg, rngs=nnx.Rngs(0)))
@@ -239,7 +295,8 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, num_paired: 
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
-    step_fn = make_train_step(config, graphdef, tx, schedule, num_paired)
+    paired_rows = vl_pipeline.kind_rows(counts, batch_sharding).get("paired", np.zeros(0, np.int64))
+    step_fn = make_train_step(config, graphdef, tx, schedule, paired_rows)
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return Training(graphdef, state, abstract, state_sharding, batch_sharding, train_step)
@@ -247,7 +304,8 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, num_paired: 
 
 def _fingerprint(config, data_dir: str, vocab_size: int) -> dict:
     m = config.model
-    return {"job": "mvlm", "size": m.size, "patch": m.patch, "stem": m.stem, "image_size": config.augment.size,
+    narrowed = {k: m[k] for k in ("width", "depth") if m[k]}
+    return {"job": "mvlm", "size": m.size, **narrowed, "patch": m.patch, "stem": m.stem, "image_size": config.augment.size,
             "vocab_size": vocab_size, "max_len": config.text.max_len, "proj_dim": m.proj_dim if config.loss.itc > 0 else 0,
             "batch_size": config.batch_size, "shares": dict(config.data.shares), "seed": config.seed,
             "paired_fraction": config.data.paired_fraction, "text_source": config.data.text_source,
@@ -279,37 +337,92 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
 
     checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start >= config.total_steps:
-        checkpointer.close()
-        note(f"{workdir} already holds the final step {start} of {config.total_steps}; nothing to do.")
-        return {}
-
     note("Creating model and compiling the train step ...")
-    setup = build_training(config, mesh, vocab_size, config.total_steps, counts.get("paired", 0))
+    setup = build_training(config, mesh, vocab_size, config.total_steps, counts)
     iterator = vl_pipeline.make_vl_iterator(vl_cfg, tokenizer, mesh, axis=mesh_lib.batch_axes(mesh))
     logger = None
     try:
-        state = setup.state
-        if start:
-            note(f"Resuming from {checkpointer.directory}/{start} ...")
-            state = checkpointer.restore(start, setup.abstract, iterator)
+        # The newest intact checkpoint; damaged newer ones are named, moved aside and redone.
+        start, restored = checkpointer.restore_latest(setup.abstract, iterator, note)
+        if start >= config.total_steps:
+            note(f"{workdir} already holds the final step {start} of {config.total_steps}; nothing to do.")
+            return {}
+        state = setup.state if restored is None else restored
         first = next(iterator)
         compiled = setup.train_step.lower(state, first).compile()
-        flops = contrastive._flops(compiled)
+        flops = step_flops(compiled)
         logger = metrics_lib.MetricLogger(workdir, total_steps=config.total_steps, start_step=start)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
         logger.note(f"{config.total_steps} steps, global batch {config.batch_size} ({counts}) on {jax.device_count()} "
                     f"device(s); ViT-{config.model.size}/{config.model.patch}, {n_params / 1e6:.2f} M parameters, "
-                    f"vocab {vocab_size}; {flops / 1e9:.1f} GFLOP/step")
-        return contrastive._loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
-                                 total_steps=config.total_steps, steps_per_epoch=_steps_per_epoch(vl_cfg),
-                                 flops=flops, workdir=workdir)
+                    f"vocab {vocab_size}; {flops / 1e9:.1f} GFLOP/step per device")
+        with preemption.StopRequest() as stop:
+            return _loop(config, compiled, state, first, iterator, checkpointer, logger, stop, start=start,
+                         steps_per_epoch=_steps_per_epoch(vl_cfg), flops=flops, workdir=workdir)
     finally:
         checkpointer.close()
         iterator.close()
         if logger is not None:
             logger.close()
+
+
+@jax.jit
+def _accumulate(sums, metrics):
+    return jax.tree.map(jnp.add, sums, metrics)
+
+
+def _loop(config, compiled, state, batch, iterator, checkpointer, logger, stop, *, start, steps_per_epoch, flops,
+          workdir) -> dict:
+    """Steps `start`..`config.total_steps`: metrics averaged over each logging window (summed on the device,
+    read on log steps only), NaN check and checkpoint on save steps; on a stop request (SIGTERM:
+    preemption, a time limit; `train/preemption.py`) the step is finished, saved synchronously and the
+    run stops with `preemption.Preempted`. (The MoCo loop's conventions; its metrics are its own.)"""
+    total, last, sums = config.total_steps, {}, None
+    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    for step in range(start, total):
+        if step > start:
+            t0 = time.perf_counter()
+            batch = next(iterator)
+            wait_window += time.perf_counter() - t0
+        state, metrics = compiled(state, batch)
+        sums = metrics if sums is None else _accumulate(sums, metrics)
+        steps_window += 1
+        done = step + 1
+        stopping = stop.reached(done)
+        log_now = done % config.log_every == 0 or done == total or stopping
+        save_now = checkpointer.manager.should_save(done) or done == total or stopping
+        if log_now or save_now:
+            bad = int(jax.device_get(state.first_bad_step))
+            if bad >= 0:
+                contrastive._stop_nonfinite(bad, checkpointer, workdir)
+        if log_now:
+            m = {k: float(v) / steps_window for k, v in jax.device_get(sums).items()}
+            m["lr"] = float(metrics["lr"])  # the current rate, not the window's mean
+            dt = time.perf_counter() - t_window
+            m.update(img_per_s=steps_window * config.batch_size / dt, step_time_s=dt / steps_window,
+                     input_wait_frac=wait_window / dt, tflops_per_s_per_device=flops * steps_window / dt / 1e12,
+                     epoch=done / steps_per_epoch)
+            logger.write(done, m)
+            last, sums = m, None
+            t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+        if save_now:
+            logger.flush()
+            checkpointer.save(done, state, iterator, force=done == total or stopping)
+        logger.progress(done)
+        if stopping:
+            checkpointer.wait()  # the checkpoint must be complete before the process goes
+            raise preemption.Preempted(stop.message(done, checkpointer.directory))
+    return last
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one step on one device, from XLA's cost analysis of the compiled (partitioned) program."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best effort on some backends
+        return 0.0
 
 
 def _steps_per_epoch(vl_cfg) -> int:
