@@ -12,17 +12,19 @@ with a 95% bootstrap CI. Writes WORKDIR/results.{csv,md}, per_seed.csv, predicti
     python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.init=random --workdir=runs/random-eval
 
 Initialisations (config.init): `checkpoint` (config.checkpoint = a MoCo or masked vision-language WORKDIR
-for its latest step, or WORKDIR/STEP; the model -- ResNet query encoder or ViT image tower -- is rebuilt from
-the run's own config.json / run.json; a ViT is evaluated at its training size: use --config.augment.size=0),
+for its latest step, or WORKDIR/STEP, or several separated by commas for one table; the model -- ResNet query
+encoder or ViT image tower -- is rebuilt from the run's own config.json / run.json; a ViT is evaluated at its
+training size, and then so is every row: use --config.augment.size=0),
 `imagenet` (config.weights from `python -m cxrjax.tools.import_torchvision`; never downloaded), `random`
 (config.seed; the initialisation the MoCo runs start from) or `pixels` (no model: the raw-pixel baseline).
 For `imagenet` / `random` the architecture is config.model.
 
 Baselines (config.baselines, default both): each evaluation also probes, on the same label samples and
 test images, `random` (the evaluated architecture -- the checkpoint's own ResNet or ViT -- randomly
-initialised with config.seed) and `pixels` (the eval-transformed image, normalised as the encoders see it,
-area-resized to config.pixels.size x config.pixels.size = 32 x 32 -> 1024 features (0 = the eval size
-itself; features grow with its square), flattened): rows named `random` and `pixels` in the same table.
+initialised with config.seed; `random <arch>` per architecture when several are compared) and `pixels`
+(the eval-transformed image, normalised as the encoders see it, area-resized (OpenCV's INTER_AREA) to
+config.pixels.size x config.pixels.size = 32 x 32 -> 1024 features, flattened; 0 = the eval size itself,
+whose square grows fast): rows named `random` and `pixels` in the same table.
 Their features are cached like the encoder's (share config.feature_cache between evaluations of one data
 set to extract them once). `--config.baselines=()` turns them off.
 
@@ -39,7 +41,7 @@ unmatched row is printed and written to WORKDIR/label_splits_unmatched.csv; frac
 L2 is chosen on valid images of patients outside the sample.
 
 Variants after the colon: demo (the phantom, encoder size and image size of configs/moco_patient.py:demo,
-3 seeds, the random and pixels rows; ~1 min on 2 CPU cores), finetune (also train the encoder end to end,
+3 seeds, the random and pixels rows), finetune (also train the encoder end to end,
 MedAug's second column), medaug_splits (MedAug's published label splits, the five 1 % files `train_semi_0.01-
 it{0..4}`, on a CheXpert folder prepared with `python -m cxrjax.prepare --source=chexpert`; the files are
 read from ../shared/data/medaug-label-fractions/ beside the repository, or
@@ -69,7 +71,7 @@ def get_config(arg=None):
 
     # What to evaluate
     c.init = "checkpoint"  # 'checkpoint' | 'imagenet' | 'random' | 'pixels'
-    c.checkpoint = ""  # WORKDIR (latest step) or WORKDIR/STEP of a cxrjax MoCo or masked vision-language run
+    c.checkpoint = ""  # WORKDIR (latest step) or WORKDIR/STEP of a MoCo or masked vision-language run; a,b: several
     c.weights = ""  # init=imagenet: converted torchvision weights (.safetensors / .npz)
     c.seed = 0  # init=random: the init seed (a MoCo run with this seed starts from the same weights)
     c.model = moco.model  # architecture for init=imagenet/random (a checkpoint brings its own)

@@ -1,9 +1,12 @@
-r"""Linear evaluation of a pre-trained encoder: frozen features -> logistic probe per label fraction and seed
+r"""Linear evaluation of pre-trained encoders: frozen features -> logistic probe per label fraction and seed
 -> AUC with a 95% bootstrap CI, beside the baselines (`random`: the same architecture randomly initialised;
-`pixels`: the raw pixels) in one table. The protocol and every option are in configs/linear_eval.py.
+`pixels`: the raw pixels) in one table, every row on the same label samples and test images. The protocol
+and every option are in configs/linear_eval.py.
 
     python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.checkpoint=runs/demo --workdir=OUT
     python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.init=random --workdir=OUT
+    python -m cxrjax.linear_eval --config=configs/linear_eval.py:demo --config.augment.size=0 \
+        --config.checkpoint=runs/demo,runs/mvlm-paired --workdir=OUT      # a MoCo and a ViT run in one table
 
 WORKDIR receives results.csv (one row per model/task/fraction), results.md (the same as a table),
 per_seed.csv, predictions.parquet (test scores per model and seed, for paired comparisons), roc-*.png,
@@ -13,6 +16,7 @@ eval.json (what was evaluated), label_splits_unmatched.csv (with config.label_sp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -48,18 +52,25 @@ def model_name(config, encoder) -> str:
     return src["init"]
 
 
-def eval_size(config, encoder) -> int:
+def eval_size(config, encoders) -> int:
     """config.augment.size, or (0) the run's own training size from its config.json. A ViT is evaluated at
-    the size it was trained at (its patch grid and position embeddings are fixed)."""
-    src = encoder.source
-    if encoder.kind == "vit":
-        size = int(src["image_size"])
+    the size it was trained at (its patch grid and position embeddings are fixed), and so then is every
+    other model of the same evaluation (one set of images for every row of the table)."""
+    vit_sizes = {int(e.source["image_size"]) for e in encoders if e.kind == "vit"}
+    if len(vit_sizes) > 1:
+        raise ValueError(f"the ViTs to compare were trained at different sizes {sorted(vit_sizes)} px; one evaluation "
+                         "shows every model the same images: evaluate them separately")
+    if vit_sizes:
+        size = vit_sizes.pop()
         if config.augment.size not in (0, size):
-            raise ValueError(f"the ViT of {src.get('checkpoint')} takes {size} px images (its patch grid is fixed), "
-                             f"not config.augment.size={config.augment.size}; set --config.augment.size=0 (or {size})")
+            vit = next(e for e in encoders if e.kind == "vit")
+            raise ValueError(f"the ViT of {vit.source.get('checkpoint')} takes {size} px images (its patch grid is "
+                             f"fixed), not config.augment.size={config.augment.size}; set --config.augment.size=0 "
+                             f"(or {size})")
         return size
     if config.augment.size > 0:
         return config.augment.size
+    src = encoders[0].source
     saved = Path(src.get("checkpoint", "")) / "config.json"
     if src["init"] == "checkpoint" and saved.is_file():
         return int(json.loads(saved.read_text())["augment"]["size"])
@@ -67,43 +78,69 @@ def eval_size(config, encoder) -> int:
                      "set --config.augment.size")
 
 
-def build_encoder(config, mesh):
-    """The encoder config.init names (a checkpoint, ImageNet weights, a random init or the raw pixels)."""
+def build_encoders(config, mesh) -> list:
+    """[(name, Encoder)] of what config.init names: the runs of config.checkpoint (one, or several separated by
+    commas: MoCo and masked vision-language runs side by side), ImageNet weights, a random init or the pixels."""
     from cxrjax.eval import features
 
     if config.init == "checkpoint":
-        if not config.checkpoint:
+        runs = [c.strip() for c in config.checkpoint.split(",") if c.strip()]
+        if not runs:
             raise ValueError("config.init='checkpoint' needs --config.checkpoint=WORKDIR[/STEP] (a MoCo or masked "
-                             "vision-language run); or use --config.init=random / imagenet / pixels")
-        return features.restore_encoder(config.checkpoint, mesh)
+                             "vision-language run; several separated by commas); or use --config.init=random / "
+                             "imagenet / pixels")
+        if config.name and len(runs) > 1:
+            raise ValueError("config.name names one model; with several checkpoints leave it empty")
+        out = []
+        for run in runs:
+            enc = features.restore_encoder(run, mesh)
+            name = model_name(config, enc)
+            taken = {n for n, _ in out}
+            out.append((name if name not in taken else f"{name} ({run})", enc))
+        return out
     if config.checkpoint:
         raise ValueError(f"config.checkpoint is set but config.init={config.init!r}; use init='checkpoint'")
     if config.init not in features.INITS:
         raise ValueError(f"config.init={config.init!r}; expected one of {features.INITS}")
     if config.init == "pixels":
-        return features.pixels_encoder(config.pixels.size, config.augment.size)
-    return features.build_encoder(config.model, config.init, weights=config.weights, seed=config.seed, mesh=mesh)
+        enc = features.pixels_encoder(config.pixels.size, config.augment.size)
+    else:
+        enc = features.build_encoder(config.model, config.init, weights=config.weights, seed=config.seed, mesh=mesh)
+    return [(model_name(config, enc), enc)]
 
 
-def build_baselines(config, main, size: int, mesh) -> list:
-    """[(name, Encoder)] of config.baselines: 'random' = the main encoder's architecture randomly initialised
-    with config.seed (config.model's when the main row is the raw pixels), 'pixels' = the raw pixels."""
+def _architecture(enc) -> str:
+    src = enc.source
+    return src["arch"] if enc.kind == "vit" else f"{src['arch']}-w{src['width']}"
+
+
+def build_baselines(config, mains, size: int, mesh) -> list:
+    """[(name, Encoder)] of config.baselines: 'random' = each evaluated architecture randomly initialised with
+    config.seed (named 'random', or 'random <arch>' when several architectures are compared; config.model's
+    when the only evaluated row is the raw pixels), 'pixels' = the raw pixels."""
     from cxrjax.eval import features
 
     unknown = [b for b in config.baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"config.baselines has {unknown}; known baselines: {list(BASELINES)}")
+    encoders = [e for _, e in mains]
     out = []
     for b in dict.fromkeys(config.baselines):  # unique, in order
         if b == "pixels":
-            if main.kind != "pixels":
+            if not any(e.kind == "pixels" for e in encoders):
                 out.append(("pixels", features.pixels_encoder(config.pixels.size, size)))
-        elif main.source.get("init") != "random" or main.kind == "pixels":
-            if main.kind == "pixels":
-                enc = features.build_encoder(config.model, "random", seed=config.seed, mesh=mesh)
-            else:
-                enc = features.random_like(main, config.seed, mesh)
-            out.append(("random", enc))
+            continue
+        models = [e for e in encoders if e.kind != "pixels"]
+        if not models:
+            out.append(("random", features.build_encoder(config.model, "random", seed=config.seed, mesh=mesh)))
+            continue
+        arch = {}
+        for e in models:
+            arch.setdefault(_architecture(e), e)
+        for a, e in arch.items():
+            if e.source.get("init") == "random" and e.source.get("seed") == config.seed:
+                continue  # the evaluated model is this baseline
+            out.append(("random" if len(arch) == 1 else f"random {a}", features.random_like(e, config.seed, mesh)))
     return out
 
 
@@ -150,6 +187,15 @@ def label_samples(config, table, targets, r_tr, workdir):
             if key in files:
                 m = label_splits.match_file(files[key], index, test_split=config.data.test_split,
                                             label_columns=schema.CHEXPERT_LABELS)
+                split_of = table["split"].to_numpy()[m.rows]
+                usable = np.isin(split_of, [config.data.train_split, config.data.valid_split])
+                if not usable.all():  # an image of a split the evaluation has no features of
+                    lines = m.lines[~usable]
+                    extra = pd.DataFrame({"file": m.file, "line": lines, "value": table["image_id"].to_numpy()[
+                        m.rows[~usable]], "reason": [f"the image is in split {s!r}, neither train nor valid"
+                                                     for s in split_of[~usable]]})
+                    m = dataclasses.replace(m, rows=m.rows[usable], lines=m.lines[usable],
+                                            unmatched=pd.concat([m.unmatched, extra], ignore_index=True))
                 unmatched.append(m.unmatched)
                 differ = {c: n for c, n in m.label_disagreements.items() if n}
                 note(f"Label split {files[key]}: {len(m.rows)} of {m.n_file_rows} rows matched"
@@ -214,13 +260,15 @@ def evaluate(config, workdir: str):
 
         label_splits.files_for(config.label_splits.files, config.fractions, config.seeds)
 
-    note(f"Creating the encoder ({config.init}) ...")
-    encoder = build_encoder(config, mesh)
-    name = model_name(config, encoder)
-    aug = augment_lib.AugmentConfig(size=eval_size(config, encoder), eval_crop=config.augment.eval_crop)
-    models = [(name, encoder)] + [(n, e) for n, e in build_baselines(config, encoder, aug.size, mesh) if n != name]
+    note(f"Creating the encoder(s) ({config.init}) ...")
+    mains = build_encoders(config, mesh)
+    name, encoder = mains[0]  # the first evaluated model: its features fix the row order of the splits
+    aug = augment_lib.AugmentConfig(size=eval_size(config, [e for _, e in mains]), eval_crop=config.augment.eval_crop)
+    taken = {n for n, _ in mains}
+    models = mains + [(n, e) for n, e in build_baselines(config, mains, aug.size, mesh) if n not in taken]
     if config.finetune.enabled and encoder.kind == "pixels":
         raise ValueError("config.finetune.enabled: the raw pixels (init=pixels) have no model to fine-tune")
+    tuned_models = {n for n, e in mains if e.kind != "pixels"} if config.finetune.enabled else set()
     cache = config.feature_cache or workdir / "features"
     feats = {}  # model -> role -> (x, rows)
     for model, enc in models:
@@ -284,9 +332,9 @@ def evaluate(config, workdir: str):
             probe = fitted.get(chosen) or linear.fit_probe(xs, ys, l2=chosen, steps=config.probe.steps,
                                                            tol=config.probe.tol)
             results = [(model, linear.predict(probe, x_te), probe.final_loss, probe.iterations)]
-            if config.finetune.enabled and model == name:
-                results.append((f"{name} (fine-tuned)", finetuned_scores(config, enc, data_dir, rows, targets, aug,
-                                                                        seed, mesh), np.nan, 0))
+            if model in tuned_models:
+                results.append((f"{model} (fine-tuned)", finetuned_scores(config, enc, data_dir, rows, targets, aug,
+                                                                         seed, mesh), np.nan, 0))
             for label, scores, final_loss, iterations in results:
                 for j, t in enumerate(tasks):
                     per_seed.append(dict(model=label, task=t.name, fraction=fraction, seed=seed,
@@ -305,6 +353,7 @@ def evaluate(config, workdir: str):
     note(f"AUC and {config.bootstrap.samples}-sample bootstrap CIs (over test patients) ...")
     summary = []
     sources = {m: e.source for m, e in models}
+    sources.update({f"{m} (fine-tuned)": {**e.source, "finetuned": True} for m, e in models if m in tuned_models})
     for (model, task, fraction), g in preds.groupby(["model", "task", "fraction"], sort=False):
         wide = g.pivot(index="row", columns="seed", values="score").loc[r_te]
         y = targets[r_te, [t.name for t in tasks].index(task)]
@@ -328,7 +377,7 @@ def evaluate(config, workdir: str):
     summary = pd.DataFrame(summary)
     preds.to_parquet(workdir / "predictions.parquet", index=False)
     (workdir / "eval.json").write_text(json.dumps(
-        {"encoder": encoder.source, "name": name, "models": {m: e.source for m, e in models}, "data": str(data_dir),
+        {"encoder": encoder.source, "name": name, "models": sources, "data": str(data_dir),
          "splits": splits, "size": aug.size, "config": config.to_dict()}, indent=1, default=str))
     md = linear.write_results(workdir, summary, per_seed,
                               title=f"Linear evaluation, {splits['test']} split of {data_dir} (seeds {list(config.seeds)})")

@@ -234,6 +234,29 @@ def test_label_split_files_match_on_the_chexpert_tail_and_name_every_unmatched_r
         label_splits.files_for(str(tmp_path / "train_semi_{fraction}-it{seed}.csv"), (0.001,), (0,))
 
 
+def test_label_samples_from_files_keep_train_and_valid_images_only(tmp_path, capsys):
+    """linear_eval.label_samples: a file's images of train and valid form the sample (sorted rows), images of
+    the test split or of any other split are named as unmatched; fraction 1.0 is the whole training split."""
+    from cxrjax import linear_eval
+
+    table = _split_table()
+    table.loc[4, "split"] = "extra"
+    table["patient_id"] = table.image_id.str.split("/").str[0]
+    (tmp_path / "s_0.5-it0.csv").write_text("image_id\n" + "\n".join(table.image_id) + "\n")
+    import ml_collections as mlc
+
+    cfg = mlc.ConfigDict(dict(label_splits=dict(files=str(tmp_path / "s_{fraction}-it{seed}.csv")), fractions=(0.5, 1.0),
+                              seeds=(0,), data=dict(train_split="train", valid_split="valid", test_split="test")))
+    targets = np.array([[1.0], [0.0], [1.0], [1.0], [0.0]], np.float32)
+    samples = linear_eval.label_samples(cfg, table, targets, np.flatnonzero(table.split == "train"), tmp_path)
+    assert samples[(0.5, 0)]["rows"].tolist() == [0, 1, 2] and samples[(0.5, 0)]["patients"] == 2
+    assert samples[(1.0, 0)]["rows"].tolist() == [0, 1] and samples[(1.0, 0)]["file"] == ""
+    bad = pd.read_csv(tmp_path / "label_splits_unmatched.csv")
+    assert bad.line.tolist() == [5, 6]
+    assert "test split" in bad.reason[0] and bad.reason[1] == "the image is in split 'extra', neither train nor valid"
+    assert "s_0.5-it0.csv:6 x-ray-7: the image is in split 'extra'" in capsys.readouterr().out
+
+
 def test_medaug_published_label_splits_match_every_row(shared_data, tmp_path):
     """MedAug's real split files against the table `prepare --source=chexpert` builds from the real train.csv
     and valid.csv: every row of every 1 % and 0.1 % file is one image of the training part, with the same labels."""
@@ -609,6 +632,11 @@ def tiny_vl_run(tiny_run, tmp_path_factory):
     return data, work
 
 
+def tiny_vl_run_moco(data) -> Path:
+    """The tiny MoCo run of `tiny_run` (beside its phantom)."""
+    return Path(data).parent / "run"
+
+
 @pytest.mark.slow
 def test_vit_checkpoint_through_linear_eval(tmp_path, tiny_vl_run, capsys):
     """A masked vision-language run's ViT goes through the same protocol; its features equal the image
@@ -642,11 +670,18 @@ def test_vit_checkpoint_through_linear_eval(tmp_path, tiny_vl_run, capsys):
     with pytest.raises(ValueError, match="takes 32 px images"):
         linear_eval.evaluate(eval_config(data, checkpoint=str(work), augment={"size": 48, "eval_crop": 1.0}),
                              str(tmp_path / "e0"))
-    res = linear_eval.evaluate(eval_config(data, checkpoint=str(work), augment={"size": 0, "eval_crop": 1.0}),
+    # the ViT and the MoCo ResNet in one table (at the ViT's size), each beside its own random architecture
+    moco_run = tiny_vl_run_moco(data)
+    res = linear_eval.evaluate(eval_config(data, checkpoint=f"{moco_run},{work}", augment={"size": 0, "eval_crop": 1.0}),
                                str(tmp_path / "e"))
-    assert res.model.tolist() == ["mvlm-paired@2", "mvlm-paired@2", "random", "random", "pixels", "pixels"] * 2
+    names = ["study-same_lat-any@4", "mvlm-paired@2", "random resnet18-w8", "random vit-micro/8", "pixels"]
+    assert res.model.tolist() == [m for m in names for _ in range(2)] * 2
     assert (res.seeds == 2).all() and (res["size"] == 32).all()
-    # the `random` row is the same ViT architecture, randomly initialised
+    per_seed = pd.read_csv(tmp_path / "e" / "per_seed.csv")
+    assert per_seed.groupby(["fraction", "seed"]).train_images.nunique().eq(1).all()  # the same label samples
+    models = json.loads((tmp_path / "e" / "eval.json").read_text())["models"]
+    assert models["random vit-micro/8"]["init"] == "random" and models["random vit-micro/8"]["arch"] == "vit-micro/8"
+    assert models["mvlm-paired@2"]["checkpoint"] == str(work.resolve())
     rand = features.random_like(enc, seed=0)
     assert rand.kind == "vit" and rand.feature_dim == enc.feature_dim
     assert f"| mvlm-paired@2 | {tiny_tasks(data)[0]} | 10% |" in capsys.readouterr().out

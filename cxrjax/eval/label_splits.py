@@ -66,6 +66,7 @@ def files_for(template: str, fractions, seeds) -> dict[tuple[float, int], Path]:
 class SplitMatch:
     file: str
     rows: np.ndarray  # table rows of the matched images, in file order, int64
+    lines: np.ndarray  # their lines in the file (header = 1)
     unmatched: pd.DataFrame  # file, line, value, reason
     label_disagreements: dict  # CheXpert column -> rows whose file label differs from the table's
 
@@ -151,4 +152,4 @@ def match_file(path: str | Path, index: TableIndex, *, test_split: str | None = 
             theirs = table[c].to_numpy(np.float64)[rows[ok]]
             differ = ~((mine == theirs) | (np.isnan(mine) & np.isnan(theirs)))
             disagree[c] = int(differ.sum())
-    return SplitMatch(str(path), rows[ok], unmatched, disagree)
+    return SplitMatch(str(path), rows[ok], np.flatnonzero(ok) + 2, unmatched, disagree)

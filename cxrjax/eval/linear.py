@@ -176,7 +176,7 @@ class Probe:
     iterations: int = 0  # L-BFGS iterations run (== steps: stopped by the cap, not by convergence)
 
 
-MIN_ROWS_PAD, MIN_DIM_PAD = 512, 1024  # shape buckets: one compiled probe serves every small sample / feature size
+MIN_ROWS_PAD, MIN_DIM_PAD = 1024, 1024  # shape buckets: one compiled probe serves every small sample / feature size
 
 
 def fit_probe(features: np.ndarray, targets: np.ndarray, *, l2: float, steps: int = 300, tol: float = 1e-6) -> Probe:
@@ -185,7 +185,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, *, l2: float, steps: in
     Features are standardised (the L2 strength then means the same for every encoder). The sample is
     fitted to convergence: L-BFGS stops when the gradient's L2 norm is below `tol` (1e-6: weights within
     ~1e-4 of scikit-learn's exact solution even at l2 = 1e-4; typically 10-80 iterations), at most `steps`
-    iterations. The sample is padded to a power of two of at least 512 rows with masked rows, and the features to a power of two of
+    iterations. The sample is padded to a power of two of at least 1024 rows with masked rows, and the features to a power of two of
     at least 1024 with zero columns (their weights get no gradient and stay 0: the fit is exactly the
     unpadded one), so one compiled L-BFGS program serves every fraction, seed and encoder of a small
     evaluation (compiling it takes seconds; running it, tenths).
