@@ -28,6 +28,10 @@ TINY_ARGS = {
     "train_bench.py": ["--sizes=32", "--steps=1", "--warmup=0", "--batch=4", "--queue=8", "--groups=2",
                        "--threads=1", "--torch_layout=nchw", "--torch_bn=split"],
     "scaling_bench.py": ["--part=devices", "--devices=1,2", "--batch=4", "--steps=1", "--warmup=0"],
+    "hlo_report.py": ["--devices=8", "--tiny"],
+    "pair_stats.py": ["--rows=2000", "--queries=200", "--epochs=5"],
+    "phantom_check.py": ["--probe", "--supervised", "--patients=40", "--seeds=1", "--epochs=1", "--batch=16",
+                         "--size=32", "--pixels=8", "--fractions", "0.5", "1.0", "--cache={tmp}/phantom-check"],
 }
 
 
