@@ -22,6 +22,9 @@ r"""Is the phantom CheXpert-like, and are its findings graded? Every number of d
              ~10-20 CPU-minutes at width 16, 64 px, 12 epochs.
 --speed      Rendering throughput at 64 and 256 px, one process (wall-clock and per CPU-second).
 --demo       Effusion-positive images in the test split for several cohort sizes (the demo needs >= 30).
+--calibrate N  Tunes the course's rates (cxrjax/data/phantom/course.py: FINDINGS pos / unc / neg,
+             SUPPORT_DEVICES, AP_RATE) in N rounds of proportional correction towards CheXpert's image-level
+             label shares and AP share, and prints the constants that course.py holds.
 
 Rendered images are cached under --cache (key: phantom VERSION + a hash of the phantom's source, patients,
 size, seed), so --probe and --supervised render once.
@@ -134,6 +137,48 @@ def run_structure(args) -> None:
     ph = structure_stats(phantom.make_table(args.patients, seed=args.seed))
     print(structure_table(real, ph, args.patients))
     print(f"\n[structure: {time.time() - t0:.0f} s, load average {load_avg()}]")
+
+
+def _label_shares(v: pd.Series) -> tuple[float, float, float]:
+    return float((v == 1).mean()), float((v == -1).mean()), float((v == 0).mean())
+
+
+def run_calibrate(args) -> None:
+    """Tune the course's rates (course.FINDINGS pos / unc / neg, SUPPORT_DEVICES, AP_RATE) so that the
+    phantom's image-level label shares and AP share match CheXpert's; prints the constants to paste."""
+    import dataclasses
+
+    from cxrjax.data import metadata
+    from cxrjax.data.phantom import course
+
+    real = metadata.load_chexpert_csv(CHEXPERT_TRAIN).table
+    want = {c: _label_shares(real[c]) for c in list(course.FINDINGS) + ["Support Devices"]}
+    want_ap = float(real["view"].isin(["AP", "AP_SUPINE"]).mean())
+    for it in range(args.calibrate):
+        for cached in (course._course, course.patient_latent, course._thresholds):
+            cached.cache_clear()
+        t = phantom.make_table(args.patients, seed=args.seed)
+        worst = 0.0
+        for c, w in want.items():
+            spec = course.FINDINGS.get(c, course.SUPPORT_DEVICES)
+            got = _label_shares(t[c])
+            worst = max(worst, *(abs(g - x) for g, x in zip(got, w)))
+            new = dataclasses.replace(
+                spec, pos=spec.pos * w[0] / got[0] if got[0] else spec.pos,
+                unc=spec.unc * w[1] / got[1] if got[1] and spec.unc else spec.unc,
+                neg=min(1.0, spec.neg * w[2] / got[2]) if got[2] else spec.neg)
+            if c in course.FINDINGS:
+                course.FINDINGS[c] = new
+            else:
+                course.SUPPORT_DEVICES = new
+        got_ap = float(t["view"].isin(["AP", "AP_SUPINE"]).mean())
+        print(f"iteration {it}: largest label-share error {100 * worst:.2f} points, AP {100 * got_ap:.1f} % "
+              f"(CheXpert {100 * want_ap:.1f} %)", flush=True)
+        course.AP_RATE = float(np.clip(course.AP_RATE + (want_ap - got_ap), 0.01, 0.99))
+    print("pos, unc, neg of the calibrated course (course.py):")
+    for c, spec in list(course.FINDINGS.items()) + [("Support Devices", course.SUPPORT_DEVICES)]:
+        print(f"  {c!r}: ({spec.pos:.3f}, {spec.unc:.3f}, {spec.neg:.3f})")
+    print(f"  AP_RATE = {course.AP_RATE:.3f}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +371,8 @@ def main(argv=None) -> None:
     ap.add_argument("--supervised", action="store_true")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="N rounds of tuning the course's rates to CheXpert's label shares (prints the constants)")
     ap.add_argument("--patients", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64, help="rendered image size (px)")
@@ -339,10 +386,10 @@ def main(argv=None) -> None:
     ap.add_argument("--demo_patients", type=int, nargs="+", default=[120, 200, 250, 300, 400, 500])
     ap.add_argument("--cache", default=os.environ.get("CXRJAX_CACHE", "~/.cache/cxrjax") + "/phantom-check")
     args = ap.parse_args(argv)
-    if not any((args.structure, args.probe, args.supervised, args.speed, args.demo)):
-        ap.error("choose at least one of --structure, --probe, --supervised, --speed, --demo")
+    if not any((args.structure, args.probe, args.supervised, args.speed, args.demo, args.calibrate)):
+        ap.error("choose at least one of --structure, --probe, --supervised, --speed, --demo, --calibrate")
     print(f"phantom VERSION {phantom.VERSION}; {' '.join(sys.argv)}")
-    for flag, fn in ((args.structure, run_structure), (args.speed, run_speed), (args.demo, run_demo),
+    for flag, fn in ((args.calibrate, run_calibrate), (args.structure, run_structure), (args.speed, run_speed), (args.demo, run_demo),
                      (args.probe, run_probe), (args.supervised, run_supervised)):
         if flag:
             fn(args)

@@ -15,7 +15,8 @@ import numpy as np
 
 from cxrjax.data.schema import CHEXPERT_LABELS
 
-from .course import FINDINGS, OPACITY_CHILDREN, PATHOLOGIES, SUPPORT_DEVICES, StudyState
+from . import course
+from .course import FINDINGS, OPACITY_CHILDREN, PATHOLOGIES, StudyState
 from .streams import rng
 
 NO_FINDING_BLANK = 0.21   # CheXpert train: 2.7 % of its 12.7 % of images without any finding
@@ -35,7 +36,7 @@ def study_labels(seed: int, patient_id: str, state: StudyState) -> dict:
     if state.devices:
         lab["Support Devices"] = 1.0
     else:
-        lab["Support Devices"] = 0.0 if u[-1] < SUPPORT_DEVICES.neg else np.nan
+        lab["Support Devices"] = 0.0 if u[-1] < course.SUPPORT_DEVICES.neg else np.nan
     clear = not any(lab[c] in (1.0, -1.0) for c in PATHOLOGIES)
     # CheXpert's labeller leaves No Finding blank for 21 % of its studies without any finding
     lab["No Finding"] = 1.0 if clear and u[-2] >= NO_FINDING_BLANK else np.nan
