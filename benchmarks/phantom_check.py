@@ -51,6 +51,10 @@ from cxrjax.data.schema import CHEXPERT_LABELS  # noqa: E402
 
 CHEXPERT_TRAIN = REPO.parent / "shared" / "data" / "metadata" / "chexpert_train.csv.gz"
 TASK = "Pleural Effusion"
+# tests/test_benchmarks.py runs every part with these (seconds of work; the numbers mean nothing)
+SMOKE_ARGS = ["--structure", "--calibrate=1", "--speed", "--demo", "--probe", "--supervised", "--patients=40",
+              "--chexpert_rows=3000", "--speed_images=4", "--demo_patients", "20", "--seeds=1", "--epochs=1",
+              "--batch=16", "--size=32", "--pixels=8", "--fractions", "0.5", "1.0", "--cache={tmp}/phantom-check"]
 STRATEGY_NAMES = [s for s in pairs.STRATEGIES if s != "instance"]
 
 
@@ -125,15 +129,25 @@ def structure_table(real: dict | None, ph: dict, patients: int) -> str:
     return head + "\n".join(rows)
 
 
-def run_structure(args) -> None:
+def chexpert_table(args) -> pd.DataFrame | None:
+    """CheXpert's train table through cxrjax's adapter (its first --chexpert_rows rows if set), or None."""
     from cxrjax.data import metadata
 
+    if not CHEXPERT_TRAIN.is_file():
+        print(f"(no {CHEXPERT_TRAIN}: nothing to compare with)")
+        return None
+    path = CHEXPERT_TRAIN
+    if args.chexpert_rows:
+        path = Path(args.cache).expanduser() / f"chexpert_train_head{args.chexpert_rows}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.read_csv(CHEXPERT_TRAIN, nrows=args.chexpert_rows).to_csv(path, index=False)
+    return metadata.load_chexpert_csv(path).table
+
+
+def run_structure(args) -> None:
     t0 = time.time()
-    real = None
-    if CHEXPERT_TRAIN.is_file():
-        real = structure_stats(metadata.load_chexpert_csv(CHEXPERT_TRAIN).table)
-    else:
-        print(f"(no {CHEXPERT_TRAIN}: CheXpert column left empty)")
+    real = chexpert_table(args)
+    real = structure_stats(real) if real is not None else None
     ph = structure_stats(phantom.make_table(args.patients, seed=args.seed))
     print(structure_table(real, ph, args.patients))
     print(f"\n[structure: {time.time() - t0:.0f} s, load average {load_avg()}]")
@@ -148,10 +162,11 @@ def run_calibrate(args) -> None:
     phantom's image-level label shares and AP share match CheXpert's; prints the constants to paste."""
     import dataclasses
 
-    from cxrjax.data import metadata
     from cxrjax.data.phantom import course
 
-    real = metadata.load_chexpert_csv(CHEXPERT_TRAIN).table
+    real = chexpert_table(args)
+    if real is None:
+        return
     want = {c: _label_shares(real[c]) for c in list(course.FINDINGS) + ["Support Devices"]}
     want_ap = float(real["view"].isin(["AP", "AP_SUPINE"]).mean())
     for it in range(args.calibrate):
@@ -348,7 +363,7 @@ def run_supervised(args) -> None:
 def run_speed(args) -> None:
     from cxrjax.data.phantom import cli
 
-    for size, n in ((64, 600), (256, 150)):
+    for size, n in ((64, 4 * args.speed_images), (256, args.speed_images)):
         wall, cpu = cli.bench(n, size, args.seed)
         print(f"render {n} images at {size} px: {wall:.0f} images/s wall-clock, {cpu:.0f} images per CPU-second "
               f"(one process), load average {load_avg()}")
@@ -383,7 +398,9 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--demo_patients", type=int, nargs="+", default=[120, 200, 250, 300, 400, 500])
+    ap.add_argument("--demo_patients", type=int, nargs="+", default=[120, 150, 200, 250, 300, 350, 400, 500])
+    ap.add_argument("--speed_images", type=int, default=150, help="images rendered at 256 px (4x as many at 64 px)")
+    ap.add_argument("--chexpert_rows", type=int, default=0, help="use only the first N rows of CheXpert's table")
     ap.add_argument("--cache", default=os.environ.get("CXRJAX_CACHE", "~/.cache/cxrjax") + "/phantom-check")
     args = ap.parse_args(argv)
     if not any((args.structure, args.probe, args.supervised, args.speed, args.demo, args.calibrate)):
