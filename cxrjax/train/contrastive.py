@@ -145,7 +145,7 @@ def apply_variants(c, arg: str | None):
     for v in filter(None, (arg or "").split(",")):
         if v == "demo":  # minutes on 2 CPU cores, on the phantom data
             c.data.dir = ""
-            c.phantom.patients, c.phantom.size = 120, 64
+            c.phantom.patients, c.phantom.size = 300, 64  # ~840 training images; 79 effusion-positive test images
             c.augment.size = 56
             c.model.update(arch="resnet18", width=16, init="random")
             c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 150, 25, 50
@@ -204,10 +204,18 @@ def prepared_data_dir(config, note) -> str:
         return str(d)
     ph = config.phantom
     cache = Path(os.environ.get("CXRJAX_CACHE", Path.home() / ".cache" / "cxrjax"))
-    d = cache / f"phantom-p{ph.patients}-s{ph.size}-seed{ph.seed}"
+    d = cache / phantom_cache_name(ph)
     prepare_phantom_once(d, ph, note)
     distributed.barrier("cxrjax: phantom prepared")
     return str(d)
+
+
+def phantom_cache_name(ph) -> str:
+    """The cache folder of a phantom: its generator version too, so a changed generator never serves
+    images of an older one."""
+    from cxrjax.data import phantom
+
+    return f"phantom-v{phantom.VERSION}-p{ph.patients}-s{ph.size}-seed{ph.seed}"
 
 
 def prepare_phantom_once(d: Path, ph, note) -> None:
