@@ -31,7 +31,7 @@ import importlib
 from absl import flags, logging
 from ml_collections import config_flags
 
-from cxrjax import cli, xla_cpu
+from cxrjax import backend, cli, xla_cpu
 
 PROG = "cxrjax"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/moco_patient.py[:demo].",
@@ -42,6 +42,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for a multi-process run (else from the environment).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_REQUIRE_ACCELERATOR = flags.DEFINE_bool(
+    "require_accelerator", False, "Stop at start-up unless JAX runs on a GPU/TPU (also config.require_accelerator).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # config.job -> the module whose default_config() lists the job's keys and whose
@@ -94,7 +96,8 @@ def main(argv) -> None:
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device use
-    except ValueError as e:
+        backend.require_accelerator(_REQUIRE_ACCELERATOR.value or bool(config.get("require_accelerator", False)))
+    except (ValueError, backend.AcceleratorError) as e:
         cli.fail(PROG, str(e), cli.EXIT_ERROR)
     jax.config.update("jax_threefry_partitionable", True)
     from cxrjax.data.pipeline import CorruptRecordError

@@ -119,3 +119,11 @@ def test_unknown_keys_reports_each_new_section_once():
                                                                  ("optimizer", "optim")]
     assert cli.unknown_keys(cfg, ref) == [("data.shares.text", None), ("optim.warmup_stpes", "optim.warmup_steps"),
                                           ("optimizer", "optim")]
+
+
+@pytest.mark.parametrize("how", ["--require_accelerator", "--config.require_accelerator=True"])
+def test_a_required_accelerator_that_is_missing_stops_the_run(tmp_path, how):
+    """JAX_PLATFORMS=cpu here: asking for an accelerator is one line and exit 1, before any data is read."""
+    r = _main(f"--config={MOCO}:demo", f"--workdir={tmp_path / 'w'}", how)
+    _one_line_error(r, "accelerator", code=1)
+    assert not (tmp_path / "w").exists()

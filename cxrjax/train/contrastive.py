@@ -34,6 +34,7 @@ from cxrjax.train import curves
 from cxrjax.train import flops as flops_lib
 from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
+from cxrjax.train import online_probe
 from cxrjax.train import preemption
 from cxrjax.train.workdir import workdir_path
 
@@ -121,6 +122,9 @@ def default_config():
         # MedAug: lr x 0.1 at epochs 12, 18 and 24 (--schedule 12 18 24; no --cos); 'cosine' / 'constant' too
         schedule="step", milestones=(12, 18, 24), decay=0.1, warmup_steps=0, scale_by_batch=False,
     ))
+    # A label probe on held-out images every N steps (train/online_probe.py): kNN / logistic AUC beside the loss.
+    c.probe = online_probe.default_probe_config()
+    c.probe.every = 2000  # MedAug's run: ~140 probes of 512 images over 279k steps, ~1 % of its time
     # ('data', 'fsdp', 'model') device mesh; -1 = the remaining devices (train/mesh.py, docs/scaling.md).
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
     return c
@@ -154,6 +158,7 @@ def apply_variants(c, arg: str | None):
             c.moco.queue_size, c.moco.momentum = 64, 0.99
             c.data.num_workers = 0
             c.optim.update(lr=1e-3, schedule="constant")  # from random init: a visible decrease in 150 steps
+            c.probe.update(every=75, split="train", max_images=256)  # valid holds ~70 labelled images here
         elif v == "exclude-self":
             c.data.include_self = False
         elif v == "padded":
@@ -418,6 +423,7 @@ class Training:
     abstract: TrainState
     state_sharding: TrainState
     train_step: object
+    q_graph: object = None  # the query encoder's NNX graph (q_params / q_stats are its state)
 
 
 def check_bn_groups(config, mesh) -> None:
@@ -472,7 +478,7 @@ def build_training(config, mesh, total_steps: int, note=lambda s: None, *, mater
     step_fn = make_train_step(config, q_graph, k_graph, tx, schedule, mesh)
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    return Training(state, abstract, state_sharding, train_step)
+    return Training(state, abstract, state_sharding, train_step, q_graph)
 
 
 def abstract_batch(config, mesh, image_size: int) -> dict:
@@ -570,10 +576,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logger.note(f"{total_steps} steps ({steps_per_epoch}/epoch), global batch {config.batch_size} on "
                     f"{jax.device_count()} device(s); {step_flops / 1e9:.1f} GFLOP per device per step; InfoNCE "
                     f"chance level ln(K+1) = {chance_loss(config):.2f}")
+        probe = online_probe.OnlineProbe.build(config, data_dir, mesh, setup.q_graph, note=logger.note)
         with preemption.StopRequest() as stop:
             last = _loop(config, compiled, state, first, iterator, checkpointer, logger, start=start,
                          total_steps=total_steps, steps_per_epoch=steps_per_epoch, flops=step_flops, workdir=workdir,
-                         stop=stop, chance=chance_loss(config))
+                         stop=stop, chance=chance_loss(config), probe=probe)
         if jax.process_index() == 0:
             curves.write_training_curves(workdir)
         return last
@@ -603,12 +610,17 @@ def _accumulate(sums, metrics):
 
 
 def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, start, total_steps,
-          steps_per_epoch, flops, workdir, stop=None, chance: float | None = None) -> dict:
+          steps_per_epoch, flops, workdir, stop=None, chance: float | None = None, probe=None) -> dict:
     """Steps `start`..`total_steps` (shared by the MoCo and MVLM jobs): metrics averaged over each
     logging window (summed on the device, read on log steps only), NaN check and checkpoint on save
     steps, and with a `preemption.StopRequest` a synchronous save and a clean stop when the process is
-    asked to stop (SIGTERM: preemption, a time limit). `chance`: the loss at chance, logged beside it."""
+    asked to stop (SIGTERM: preemption, a time limit). `chance`: the loss at chance, logged beside it.
+    `probe` (train/online_probe.py): its metrics are logged on the steps it is due; its time is kept out
+    of the step timing and logged as `probe_time_frac` (its share of the wall time)."""
     last = {}
+    probe_s = 0.0
+    if probe is not None and start == 0:  # where the encoder starts from: the curve's first point
+        logger.write(0, probe(state))
     kind = jax.devices()[0].device_kind
     sums = None
     t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
@@ -629,10 +641,20 @@ def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, sta
             bad = int(jax.device_get(state.first_bad_step))
             if bad >= 0:
                 _stop_nonfinite(bad, checkpointer, workdir)
+        probed = {}
+        if probe is not None and probe.due(done):
+            t0 = time.perf_counter()
+            probed = probe(state)
+            probe_s += time.perf_counter() - t0
+            if not log_now:
+                logger.write(done, probed)
         if log_now:
             m = {k: float(v) / steps_window for k, v in jax.device_get(sums).items()}
+            m.update(probed)
             m["lr"] = float(metrics["lr"])  # the current rate, not the window's mean
-            dt = time.perf_counter() - t_window
+            dt = time.perf_counter() - t_window - probe_s
+            if probe is not None:
+                m["probe_time_frac"] = probe_s / (dt + probe_s)
             if chance is not None:
                 m["chance_loss"] = chance
             m.update(img_per_s=steps_window * config.batch_size / dt,
@@ -644,7 +666,7 @@ def _loop(config, compiled, state, batch, iterator, checkpointer, logger, *, sta
             logger.write(done, m)
             last = m
             sums = None
-            t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+            t_window, wait_window, steps_window, probe_s = time.perf_counter(), 0.0, 0, 0.0
         if save_now:
             logger.flush()
             checkpointer.save(done, state, iterator, force=done == total_steps or stopping)
