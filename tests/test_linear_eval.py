@@ -332,7 +332,7 @@ def tiny_tasks(data) -> tuple[str, str]:
     return good[0], good[1]
 
 
-def eval_config(data, *variants, **updates):
+def eval_config(data_dir, *variants, **updates):
     """configs/linear_eval.py:demo shrunk for the tiny phantom (two tasks with both classes in every split)."""
     import importlib.util
 
@@ -340,13 +340,13 @@ def eval_config(data, *variants, **updates):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(",".join(("demo",) + variants))
-    c.data.dir = str(data)
+    c.data.dir = str(data_dir)
     c.augment.size = 32
     c.fractions, c.seeds = (0.1, 1.0), (0, 1)
     c.bootstrap.samples = 50
     c.probe.l2_grid = (0.01, 1.0)
     c.blank = "zeros"
-    c.tasks = tiny_tasks(data)
+    c.tasks = tiny_tasks(data_dir)
     c.pixels.size = 8
     c.batch_size = 16
     c.update(updates)

@@ -87,9 +87,7 @@ class Encoder:
     def feature_dim(self) -> int:
         if self.kind == "resnet":
             return int(self.params["head"]["linear1"]["kernel"].shape[0])  # the head reads the pooled features
-        if self.kind == "vit":
-            return int(self.params["cls"].shape[-1])
-        return int(self.source["feature_dim"])
+        return int(self.source["feature_dim"])  # vit: its hidden size; pixels: size^2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +257,9 @@ def _mvlm_model_config(workdir: Path):
 
 def _vit_source(mcfg, **kw) -> dict:
     v = mcfg.vit
-    return {"arch": f"vit-{v.size}/{v.patch}", "stem": v.stem, "image_size": int(v.image_size),
-            "vocab_size": int(mcfg.vocab_size), "proj_dim": int(mcfg.proj_dim), **kw}
+    width = getattr(v, "width", 0)  # a narrower ViT of the same depth (tests)
+    return {"arch": f"vit-{v.size}/{v.patch}" + (f"-w{width}" if width else ""), "stem": v.stem, "image_size": int(v.image_size),
+            "vocab_size": int(mcfg.vocab_size), "proj_dim": int(mcfg.proj_dim), "feature_dim": int(v.hidden), **kw}
 
 
 def _vit_encoder(mcfg, params, mesh, source: dict) -> Encoder:
