@@ -27,8 +27,8 @@ def fast_init(factory, seed=0):
 
 
 def torchvision_models():
-    """Real `torchvision.models`; skips when torch or torchvision is not installed (`pip install -e ".[test]"`
-    installs both).
+    """Real `torchvision.models`. torch and torchvision are test dependencies (`pip install -e ".[test]"`
+    installs both): a missing one fails the test instead of skipping the parity checks silently.
 
     PyPI's torchvision wheels are CUDA builds. Beside a CPU-only torch (this project's machines: the local
     torch 2.13.0+cpu wheel) their compiled ops (nms, roi_align, ...: detection only) cannot load, and
@@ -41,11 +41,11 @@ def torchvision_models():
 
     import pytest
 
-    pytest.importorskip("torch", reason='torch is a test dependency: pip install -e ".[test]"')
     try:
+        import torch  # noqa: F401
         import torchvision
-    except ModuleNotFoundError:
-        pytest.skip('torchvision is a test dependency: pip install -e ".[test]"')
+    except ModuleNotFoundError as e:
+        pytest.fail(f'{e.name} is a test dependency: pip install -e ".[test]"')
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise

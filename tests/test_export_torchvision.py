@@ -187,7 +187,6 @@ def test_three_channel_export_with_head_matches_cxrjax(tmp_path, run, cxrjax_out
 
 
 def test_grey_export_to_pth_matches_cxrjax(tmp_path, run, cxrjax_outputs):
-    pytest.importorskip("torch")
     workdir, _ = run
     images, feats, _ = cxrjax_outputs
     out = str(tmp_path / "encoder.pth")
