@@ -120,12 +120,14 @@ def build_baselines(config, mains, size: int, mesh) -> list:
     when the only evaluated row is the raw pixels), 'pixels' = the raw pixels."""
     from cxrjax.eval import features
 
-    unknown = [b for b in config.baselines if b not in BASELINES]
+    # --config.baselines=random,pixels arrives as one string: split on commas too
+    wanted = [b.strip() for item in config.baselines for b in str(item).split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in BASELINES]
     if unknown:
         raise ValueError(f"config.baselines has {unknown}; known baselines: {list(BASELINES)}")
     encoders = [e for _, e in mains]
     out = []
-    for b in dict.fromkeys(config.baselines):  # unique, in order
+    for b in dict.fromkeys(wanted):  # unique, in order
         if b == "pixels":
             if not any(e.kind == "pixels" for e in encoders):
                 out.append(("pixels", features.pixels_encoder(config.pixels.size, size)))

@@ -115,22 +115,6 @@ def test_raw_ids_and_npy_format(tmp_path, phantom, encoder):
                                  splits=("holdout",), progress=False)
 
 
-@pytest.mark.slow
-def test_command_line(tmp_path, phantom):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    out = tmp_path / "cli.parquet"
-    cmd = [sys.executable, "-m", "cxrjax.export", "--init=random", "--width=8", f"--data={phantom}", f"--out={out}",
-           "--size=32", "--splits=test"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    n_test = int((pd.read_parquet(phantom / "table.parquet").split == "test").sum())
-    assert f"wrote {n_test} embeddings" in r.stdout and "pseudonymised" in r.stdout
-    assert len(pd.read_parquet(out)) == n_test
-    bad = subprocess.run(cmd[:3] + [f"--data={tmp_path}", f"--out={out}", "--size=32"], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert bad.returncode != 0 and "holds no table.parquet" in bad.stderr and "Traceback" not in bad.stderr
-
-
 def test_export_streams_in_row_groups(tmp_path, phantom, encoder):
     """Small chunks: many parquet row groups / npy blocks, the same rows and vectors as one in-memory pass."""
     enc, mesh = encoder
@@ -206,6 +190,7 @@ def test_16_bit_records_give_the_8_bit_features_and_export(tmp_path, bit_depths,
     np.testing.assert_allclose(e8[:len(feats[8][0])], feats[8][0], rtol=1e-5, atol=1e-6)  # train rows come first
 
 
+@pytest.mark.slow
 def test_16_bit_records_fine_tune_as_the_8_bit_ones(bit_depths, encoder):
     """One fine-tuning step (rotation + flip views, BatchNorm in train mode) on 8- vs 16-bit records of the same
     images: the same loss and the same updated BatchNorm running statistics, up to the rounding of the 8-bit
@@ -261,19 +246,25 @@ def test_command_line_reads_a_run_and_a_damaged_one_is_one_line(tmp_path, phanto
     enc, _ = encoder
     run = fake_moco_run(tmp_path / "run", enc)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "cxrjax.export", f"--checkpoint={run}", f"--data={phantom}", "--splits=test",
-           "--raw_ids"]
+    cmd = [sys.executable, "-m", "cxrjax.export", f"--checkpoint={run}", f"--data={phantom}", "--splits=test"]
     r = subprocess.run(cmd + [f"--out={tmp_path / 'ok.parquet'}"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    table = pd.read_parquet(phantom / "table.parquet")
+    n_test = int((table.split == "test").sum())
+    assert f"wrote {n_test} embeddings" in r.stdout and "pseudonymised" in r.stdout
     got = pd.read_parquet(tmp_path / "ok.parquet")
-    direct = _direct_forward(enc, phantom, pd.read_parquet(phantom / "table.parquet"))  # size 32 from its config.json
+    assert len(got) == n_test and "path" not in got.columns
+    direct = _direct_forward(enc, phantom, table)  # at 32 px: the size in the run's config.json
     np.testing.assert_allclose(np.stack(got.embedding), np.stack([direct[r] for r in got.row]), rtol=1e-4, atol=1e-5)
+    nodata = subprocess.run(cmd[:3] + [f"--data={tmp_path}", f"--out={tmp_path / 'x.parquet'}"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert nodata.returncode != 0 and "holds no table.parquet" in nodata.stderr and "Traceback" not in nodata.stderr
     for f in (run / "checkpoints" / "1" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and not f.name.startswith("_"):
             with open(f, "r+b") as fh:
                 fh.truncate(f.stat().st_size // 2)
-    bad = subprocess.run(cmd + [f"--out={tmp_path / 'bad.parquet'}"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    bad = subprocess.run(cmd + ["--raw_ids", f"--out={tmp_path / 'bad.parquet'}"], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-3000:]
     assert f"{run.resolve()}/checkpoints/1 cannot be read: the checkpoint is damaged (" in bad.stderr

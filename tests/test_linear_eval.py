@@ -575,7 +575,7 @@ def test_config_errors_and_a_damaged_checkpoint_are_one_clear_line(tmp_path, tin
         (dict(checkpoint=str(run), tasks=("Effusion",)), "not a CheXpert label"),
         (dict(init="imagenet"), "ImageNet weights are never downloaded"),
         (dict(checkpoint=str(run), data={"test_split": "holdout"}), "no test split 'holdout'"),
-        (dict(checkpoint=str(run), baselines=("chance",)), "known baselines"),
+        (dict(checkpoint=str(run), baselines=("random,chance",)), "has ['chance']; known baselines"),
         (dict(init="pixels", finetune={"enabled": True}), "no model to fine-tune"),
     ]
     for updates, message in cases:
