@@ -118,7 +118,7 @@ class Checkpointer:
         Raises DamagedCheckpointError if the step's files cannot be read, CheckpointError if they
         do not fit this config."""
         try:
-            with _quiet_failed_reads():
+            with quiet_failed_reads():
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -129,7 +129,7 @@ class Checkpointer:
         except Exception as e:
             reason = damage_reason(e, self.directory / str(step))
             if reason is not None:
-                _ignore_late_read_callbacks()
+                ignore_late_read_callbacks()
                 raise DamagedCheckpointError(step, self.directory, reason) from e
             if not isinstance(e, (ValueError, KeyError, TypeError)):
                 raise
@@ -194,7 +194,7 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _quiet_failed_reads():
+def quiet_failed_reads():
     """When one array of a checkpoint cannot be read, Orbax's other read tasks fail too and asyncio
     logs each of them ("Task exception was never retrieved", hundreds of lines of TensorStore specs)
     when they are garbage-collected. The first error is the one that matters and is raised; collect
@@ -211,7 +211,7 @@ def _quiet_failed_reads():
         log.setLevel(level)
 
 
-def _ignore_late_read_callbacks() -> None:
+def ignore_late_read_callbacks() -> None:
     """After a failed read, TensorStore may complete the other reads of that restore later, and their
     callbacks find Orbax's event loop closed: Python prints "Exception ignored ... RuntimeError: Event
     loop is closed" with a traceback. Those reads are already abandoned; drop exactly that message."""
