@@ -245,7 +245,8 @@ def _env(devices):
 def _args(workdir, data_dir, steps, *extra):
     return [f"--config={CONFIG}:demo", f"--workdir={workdir}", f"--config.data.dir={data_dir}",
             "--config.augment.size=40", "--config.log_every=1", "--config.moco.queue_size=64",
-            "--config.moco.shuffle_bn=False", f"--config.total_steps={steps}", "--config.checkpoint_every=2", *extra]
+            "--config.moco.shuffle_bn=False", f"--config.total_steps={steps}", "--config.checkpoint_every=2",
+            "--config.probe.every=0", *extra]
 
 
 def _run_main(args, devices):
@@ -255,7 +256,7 @@ def _run_main(args, devices):
 
 
 def _losses(workdir):
-    return {d["step"]: d["loss"] for d in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl")}
+    return {d["step"]: d["loss"] for d in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl") if "loss" in d}
 
 
 def _close(a, b, rel):
@@ -338,3 +339,31 @@ def test_restore_onto_a_smaller_mesh_gives_the_same_values(tmp_path, phantom_dir
     for a, b in zip(jax.tree.leaves(saved.state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b)))
         assert {d.id for d in b.sharding.device_set} <= {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_phantom_demo_on_two_hosts_without_a_shared_home(tmp_path):
+    """Two jax.distributed processes whose home directories differ (two hosts): each prepares the
+    phantom into its own cache (a pure function of its settings), and the run finishes."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        home = tmp_path / f"home{i}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "CXRJAX_CACHE"}
+        env.update(HOME=str(home), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        cmd = [sys.executable, "-m", "cxrjax.main", f"--config={CONFIG}:demo", f"--workdir={tmp_path / 'run'}",
+               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+               "--config.phantom.patients=40", "--config.phantom.size=48", "--config.augment.size=40",
+               "--config.total_steps=2", "--config.checkpoint_every=2", "--config.probe.every=0"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    from cxrjax.data import phantom
+
+    for i in range(2):
+        cache = tmp_path / f"home{i}" / ".cache" / "cxrjax" / f"phantom-v{phantom.VERSION}-p40-s48-seed0"
+        assert (cache / "manifest.json").is_file(), f"process {i} has no phantom of its own"
+    assert sorted(_losses(tmp_path / "run")) == [2]  # the demo logs every 25 steps and at the end

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cxrjax.train import metrics as metrics_lib
@@ -29,7 +30,7 @@ def phantom_dir(tmp_path_factory):
 def _cmd(workdir, data_dir, *overrides, variant="demo"):
     return [sys.executable, "-m", "cxrjax.main", f"--config={CONFIG}:{variant}", f"--workdir={workdir}",
             f"--config.data.dir={data_dir}", "--config.augment.size=40", "--config.log_every=1",
-            "--config.moco.queue_size=64", *overrides]
+            "--config.moco.queue_size=64", "--config.probe.every=0", *overrides]
 
 
 def _env(devices=1):
@@ -53,40 +54,25 @@ def _checkpoints(workdir):
 
 
 def _losses(workdir):
-    return {d["step"]: d["loss"] for d in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl")}
+    return {d["step"]: d["loss"] for d in metrics_lib.read_jsonl(Path(workdir) / "metrics.jsonl") if "loss" in d}
 
 
 @pytest.mark.slow
-def test_kill_minus_9_and_resume_is_bitwise_identical(tmp_path, phantom_dir):
-    # the accelerator path (augmentation inside the jitted step); "auto" picks the host path on CPU,
-    # whose resume is covered in test_pipeline
-    steps = ["--config.total_steps=14", "--config.checkpoint_every=3", "--config.augment.where=device"]
-    straight = tmp_path / "straight"
-    _run(_cmd(straight, phantom_dir, *steps))
-    expected = _losses(straight)
-    assert sorted(expected) == list(range(1, 15))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, phantom_dir, *steps), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    # Kill as soon as a checkpoint is finalised and the run has gone past it (mid-interval).
-    while time.time() < deadline:
-        done = _checkpoints(killed)
-        logged = _losses(killed) if (killed / "metrics.jsonl").exists() else {}
-        if done and max(logged, default=0) >= max(done) + 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = _losses(killed)
-    assert 3 <= max(partial) < 14, "the kill should land mid-run"
-
-    _run(_cmd(killed, phantom_dir, *steps))  # same command: resumes from the last checkpoint
-    resumed = _losses(killed)
-    assert resumed == expected  # every step's loss, bit for bit (JSON keeps float32 values exactly)
-    tb = metrics_lib.read_tensorboard_scalars(killed / "tb")
-    assert sorted(s for s, _ in tb["loss"]) == list(range(1, 15))  # each step once, as TensorBoard shows it
+def test_the_quick_start_demo_learns(tmp_path):
+    """README quick start 1, as typed (own phantom cache): InfoNCE >= 1 nat below chance ln(K+1) and top-1
+    queue accuracy >= 0.2, both averaged over the last logging window; the curves PNG and the online
+    probe's metrics are written. (Kill/SIGTERM resume: tests/test_resume.py.)"""
+    env = dict(_env(), CXRJAX_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "cxrjax.main", f"--config={CONFIG}:demo", f"--workdir={tmp_path / 'demo'}"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = metrics_lib.read_jsonl(tmp_path / "demo" / "metrics.jsonl")
+    last = [x for x in rows if "loss" in x][-1]
+    assert last["step"] == 150 and last["chance_loss"] == pytest.approx(np.log(65))
+    assert last["loss"] <= last["chance_loss"] - 1.0, last
+    assert last["acc"] >= 0.2, last
+    assert {"probe_knn_auc", "probe_logistic_auc"} <= set(rows[0]) and rows[0]["step"] == 0
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
