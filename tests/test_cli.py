@@ -101,10 +101,10 @@ def test_broken_config_file_and_unknown_job(tmp_path):
 def test_every_shipped_config_passes_the_key_check(spec):
     """No false alarms: the configs in configs/ set only keys their job has (data.shares of the MVLM
     configs is a free-form mapping, checked by vl_pipeline)."""
-    from cxrjax import cli, main
+    from cxrjax import cli, jobs
 
     config = cli.load_config_file(str(REPO / "configs" / spec))
-    main.check_config_keys(config, main.job_module(config), spec)
+    jobs.check_config_keys(config, jobs.job_module(config), spec)
 
 
 def test_unknown_keys_reports_each_new_section_once():

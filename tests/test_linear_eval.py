@@ -237,7 +237,7 @@ def test_label_split_files_match_on_the_chexpert_tail_and_name_every_unmatched_r
 def test_label_samples_from_files_keep_train_and_valid_images_only(tmp_path, capsys):
     """linear_eval.label_samples: a file's images of train and valid form the sample (sorted rows), images of
     the test split or of any other split are named as unmatched; fraction 1.0 is the whole training split."""
-    from cxrjax import linear_eval
+    from cxrjax.eval import linear_eval
 
     table = _split_table()
     table.loc[4, "split"] = "extra"
@@ -407,7 +407,7 @@ def test_checkpoint_to_features_to_auc_beside_random_and_pixels(tmp_path, tiny_r
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from cxrjax import linear_eval
+    from cxrjax.eval import linear_eval
     from cxrjax.eval import features
     from cxrjax.train import contrastive
 
@@ -482,7 +482,7 @@ def test_checkpoint_to_features_to_auc_beside_random_and_pixels(tmp_path, tiny_r
 def test_external_label_splits_end_to_end(tmp_path, tiny_run, capsys):
     """config.label_splits.files: the probe trains on exactly the images the files name; every unmatched row
     is printed and listed in label_splits_unmatched.csv."""
-    from cxrjax import linear_eval
+    from cxrjax.eval import linear_eval
 
     data, _ = tiny_run
     table = pd.read_parquet(data / "table.parquet")
@@ -562,7 +562,7 @@ def damaged_copy(run: Path, dest: Path, step: int) -> Path:
 
 @pytest.mark.slow
 def test_config_errors_and_a_damaged_checkpoint_are_one_clear_line(tmp_path, tiny_run):
-    from cxrjax import linear_eval
+    from cxrjax.eval import linear_eval
     from cxrjax.data.pipeline import CorruptRecordError
 
     data, run = tiny_run
@@ -643,7 +643,7 @@ def test_vit_checkpoint_through_linear_eval(tmp_path, tiny_vl_run, capsys):
     embedding of the model the MVLM job's own loader restores (`train.mvlm.load_run`)."""
     import jax
 
-    from cxrjax import linear_eval
+    from cxrjax.eval import linear_eval
     from cxrjax.data import augment as augment_lib
     from cxrjax.data import pipeline
     from cxrjax.eval import features
