@@ -116,14 +116,15 @@ def child(args) -> None:
     model.update(arch="resnet18", width=args.width, init="random")
     enc = features.build_encoder(model, "random", seed=0, mesh=mesh)
     aug = augment_lib.AugmentConfig(size=args.size)
-    n = len(pd.read_parquet(Path(args.data) / "table.parquet", columns=["split"]))
+    splits = pd.read_parquet(Path(args.data) / "table.parquet", columns=["split"]).split
+    n = len(splits)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     if args.child == "export":
         export.export_embeddings(enc, args.data, str(Path(args.scratch) / "embeddings.parquet"), mesh=mesh,
                                  augment=aug, batch_size=args.batch, num_workers=args.workers, progress=False)
     else:
-        for split in ("train", "valid", "test"):
+        for split in sorted(set(splits)):  # the splits the (tiled) table has
             features.cached_features(enc, args.data, split, aug, cache_dir=Path(args.scratch) / "features",
                                      note=lambda s: None, mesh=mesh, batch_size=args.batch,
                                      num_workers=args.workers, progress=False)

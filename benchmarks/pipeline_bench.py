@@ -98,7 +98,7 @@ def timed(next_batch, args) -> list[tuple[float, float]]:
     out = []
     for _ in range(args.repeats):
         t, cpu, n = time.perf_counter(), _cpu_seconds(), 0
-        while time.perf_counter() - t < args.seconds:
+        while n == 0 or time.perf_counter() - t < args.seconds:  # at least one batch per window
             n += next_batch()
         out.append((n / (time.perf_counter() - t), 1000 * (_cpu_seconds() - cpu) / n))
     return out

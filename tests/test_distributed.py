@@ -335,7 +335,7 @@ def test_restore_onto_a_smaller_mesh_gives_the_same_values(tmp_path, phantom_dir
     ck.close()
     it.close()
     assert restored.queue.keys.sharding.mesh.devices.size == 4
-    assert restored.queue.keys.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert restored.queue.keys.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))  # the batch axes
     for a, b in zip(jax.tree.leaves(saved.state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b)))
         assert {d.id for d in b.sharding.device_set} <= {0, 1, 2, 3}

@@ -152,7 +152,7 @@ def test_fsdp_step_equals_the_replicated_step():
 
 
 def test_moco_state_queue_over_data_params_replicated():
-    """The MoCo train state on data=4 x fsdp=2: ResNet replicated, queue split along K over `data`."""
+    """The MoCo train state on data=4 x fsdp=2: ResNet replicated, queue split along K over data x fsdp."""
     from cxrjax.train import contrastive as ct
 
     config = ct.apply_variants(ct.default_config(), "demo")
@@ -160,6 +160,8 @@ def test_moco_state_queue_over_data_params_replicated():
     config.moco.queue_size = 64
     mesh = ct.make_mesh(config)
     sh = ct.build_training(config, mesh, total_steps=10).state_sharding
-    assert sh.queue.keys.spec == P("data") and sh.queue.patient.spec == P("data") and sh.queue.ptr.spec == P()
+    # the queue is split over every batch axis, like the keys that fill it (issue 19: never all-gathered)
+    batch = P(("data", "fsdp"))
+    assert sh.queue.keys.spec == batch and sh.queue.patient.spec == batch and sh.queue.ptr.spec == P()
     assert all(s.spec == P() for s in jax.tree.leaves(sh.q_params))
     assert all(s.spec == P() for s in jax.tree.leaves(sh.opt_state))

@@ -117,6 +117,9 @@ class Checkpointer:
 
         Raises DamagedCheckpointError if the step's files cannot be read, CheckpointError if they
         do not fit this config."""
+        # Installed before the read: a damaged file's abandoned sibling reads can call back as soon as
+        # Orbax's loop closes, before the except clause below runs.
+        ignore_late_read_callbacks()
         try:
             with quiet_failed_reads():
                 restored = self.manager.restore(
@@ -129,7 +132,6 @@ class Checkpointer:
         except Exception as e:
             reason = damage_reason(e, self.directory / str(step))
             if reason is not None:
-                ignore_late_read_callbacks()
                 raise DamagedCheckpointError(step, self.directory, reason) from e
             if not isinstance(e, (ValueError, KeyError, TypeError)):
                 raise
