@@ -1,29 +1,32 @@
-r"""The MedAug experiment end to end: pre-train one MoCo run per pair strategy (same data, same budget),
-evaluate each (and the ImageNet / random baselines) with the linear-evaluation job, and collect one table
-in MedAug's layout: strategy | mean AUC | 95% CI | delta vs baseline (paired bootstrap CI).
+r"""MedAug's experiment end to end, with several pre-training seeds: pre-train every pair strategy
+`--seeds` times, evaluate all checkpoints with the linear-evaluation job on the same label draws and test
+images beside random-init and raw-pixel baselines, and report AUC with 95% CIs that resample pre-training
+seeds and test patients, paired deltas against instance discrimination, and a figure.
 
-    # phantom data, demo size (~10-15 min on 2 busy CPU cores)
-    python launch/medaug_sweep.py --source=phantom --patients=500 --out=runs/sweep-phantom
-    # the real public data in ../shared/data (COVID-19 collection + NIH subset), ~20-25 min
-    python launch/medaug_sweep.py --source=shared --src=../shared/data --out=runs/sweep-shared \
-        --tasks="Pleural Effusion,extra_finding=COVID-19" --blank=ignore
-    # with ImageNet weights converted once by cxrjax.tools.import_torchvision (never downloaded)
-    python launch/medaug_sweep.py ... --imagenet_weights=weights/r18-w64.safetensors --width=64
+    python launch/medaug_sweep.py --preset=mini --out=runs/sweep-mini                     # phantom, ~60 min, 2 CPU cores
+    python launch/medaug_sweep.py --preset=mini --source=shared --out=runs/sweep-shared    # ../shared/data, real images
+    python launch/medaug_sweep.py --preset=mini --out=runs/x --dry_run                     # print the commands
 
-Every stage is a subprocess running the user-facing command (printed before it runs), so a stage can
-be re-run by hand; re-running the sweep resumes: finished pre-trainings are skipped by the trainer,
-features come from the evaluation's cache. OUT holds data/ (prepared, unless --data_dir), pretrain/<s>/,
-eval/<s>/ and table.{md,csv}.
+Every stage is a subprocess running a user-facing command (printed before it runs; `OUT/logs/`), so a
+stage can be re-run by hand, and re-running the sweep resumes: finished pre-trainings are skipped by the
+trainer, evaluations by their results file. The compiled train step is shared through JAX's persistent
+compilation cache (OUT/jax-cache): every strategy and seed runs the same program.
 
-Strategies (MedAug Table 1): instance discrimination, same study x {same, distinct, all} lateralities,
-all studies, distinct studies (`study-any_lat-any`, `study-different_lat-any`). The budget (steps,
-image size, encoder width) is the same for every strategy and is written above the table.
+Pre-training: configs/moco_medaug.py:<strategy>,demo (configs/moco_instance.py:demo) -- MedAug's run at demo
+size: ResNet-18 width 16 from random init, 56 px views from 64 px records, queue 64, momentum 0.99, Adam
+1e-3, batch 16, whole-batch BN, the query in its own candidate set (eq. 2) -- for `--steps` steps, seed s
+(the init, data order and augmentations; strategy s and instance s start from the same weights).
+Evaluation: configs/linear_eval.py (MedAug's protocol: frozen backbone, logistic layer, uncertain labels
+left out, blank = 0) on 1 % (five label draws, as MedAug's five 1 % splits), 10 % and 100 % of the
+training patients; random init (the 3 seeds' initial weights) and raw pixels (32 x 32) alongside.
+Statistics: cxrjax/eval/compare.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -34,181 +37,247 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-# MedAug Table 1 rows (the random-crop-scale rows are the `crop` config variant, not a strategy)
 STRATEGIES = ("instance", "study-same_lat-same", "study-same_lat-different", "study-same_lat-any",
               "study-any_lat-any", "study-different_lat-any")
 LABELS = {"instance": "MoCo v2, instance discrimination", "study-same_lat-same": "same study, same laterality",
           "study-same_lat-different": "same study, distinct lateralities",
           "study-same_lat-any": "same study, all lateralities", "study-any_lat-any": "all studies",
-          "study-different_lat-any": "distinct studies", "imagenet": "ImageNet (no MoCo)",
-          "random": "random init (no pre-training)"}
+          "study-different_lat-any": "distinct studies", "random": "random init (no pre-training)",
+          "pixels": "raw pixels (32 x 32)", "imagenet": "ImageNet"}
+PRESETS = {
+    # issue 14's "MedAug in miniature": the strategies MedAug's Table 1 compares, 3 seeds each
+    "mini": dict(strategies="instance,study-same_lat-any,study-same_lat-same,study-any_lat-any,study-different_lat-any",
+                 seeds="0,1,2", steps=400, patients=600, label_seeds="0,1,2,3,4", fractions="0.01,0.1,1.0"),
+}
+SOURCES = {"phantom": dict(tasks="Pleural Effusion", blank="zeros"),
+           "shared": dict(tasks="Pleural Effusion,extra_finding=COVID-19", blank="ignore")}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder of the sweep")
-    p.add_argument("--source", default="phantom", help="cxrjax.prepare --source (phantom, shared, chexpert, ...)")
-    p.add_argument("--src", default="", help="cxrjax.prepare --src (the raw dataset folder)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="mini")
+    p.add_argument("--source", default="phantom", choices=sorted(SOURCES), help="phantom or ../shared/data")
+    p.add_argument("--src", default=str(REPO.parent / "shared" / "data"), help="--source=shared: the data folder")
     p.add_argument("--data_dir", default="", help="an already prepared data folder (skips preparation)")
-    p.add_argument("--patients", type=int, default=500, help="phantom: number of synthetic patients")
-    p.add_argument("--prepare_size", type=int, default=64, help="prepared image size (px)")
-    p.add_argument("--size", type=int, default=56, help="training / eval image size (px)")
-    p.add_argument("--width", type=int, default=16, help="ResNet-18 width (64 = torchvision)")
-    p.add_argument("--steps", type=int, default=120, help="pre-training steps per strategy (batch 16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="pre-training Adam learning rate")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated pair strategies")
-    p.add_argument("--imagenet_weights", default="", help="ImageNet baseline weights (tools.import_torchvision)")
-    p.add_argument("--tasks", default="Pleural Effusion", help="comma-separated linear-eval tasks")
-    p.add_argument("--blank", default="zeros", choices=("zeros", "ignore"), help="blank-label policy")
-    p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions")
-    p.add_argument("--seeds", default="0,1,2", help="label-sample seeds of the probe")
-    p.add_argument("--seed", type=int, default=0, help="pre-training seed (and the random baseline's init)")
-    p.add_argument("--baseline", default="", help="row the deltas refer to (default: imagenet if present, else random)")
+    p.add_argument("--patients", type=int, default=None, help="phantom patients (preset default)")
+    p.add_argument("--steps", type=int, default=None, help="pre-training steps (preset default)")
+    p.add_argument("--strategies", default=None, help="comma-separated pair strategies (preset default)")
+    p.add_argument("--seeds", default=None, help="pre-training seeds (preset default)")
+    p.add_argument("--label_seeds", default=None, help="label-draw seeds of the probe (preset default)")
+    p.add_argument("--fractions", default=None, help="label fractions (preset default)")
+    p.add_argument("--tasks", default=None, help="linear-eval tasks (default per source)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, v in SOURCES[args.source].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.blank = SOURCES[args.source]["blank"]
+    return args
 
 
-def run(cmd: list[str], dry_run: bool, log: Path | None = None) -> None:
+def run(cmd: list[str], args, log: Path) -> float:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    if dry_run:
-        return
+    if args.dry_run:
+        return 0.0
     t0 = time.time()
-    with open(log, "w") if log else open("/dev/null", "w") as f:
-        r = subprocess.run(["nice", "-n", "10", *cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(args.out).resolve() / "jax-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode:
-        tail = log.read_text()[-3000:] if log else ""
-        raise SystemExit(f"medaug_sweep: stage failed ({r.returncode}) after {time.time() - t0:.0f}s; log {log}\n{tail}")
+        raise SystemExit(f"medaug_sweep: stage failed ({r.returncode}) after {time.time() - t0:.0f}s; log {log}\n"
+                         f"{log.read_text()[-3000:]}")
     print(f"  done in {time.time() - t0:.0f}s (log {log})", flush=True)
+    return time.time() - t0
 
 
 def prepare(args, out: Path) -> Path:
     if args.data_dir:
         return Path(args.data_dir).resolve()
     data = out / "data"
-    cmd = [sys.executable, "-m", "cxrjax.prepare", f"--source={args.source}", f"--out={data}",
-           f"--size={args.prepare_size}"]
+    cmd = [sys.executable, "-m", "cxrjax.prepare", f"--source={args.source}", f"--out={data}", "--size=64"]
     cmd += [f"--patients={args.patients}"] if args.source == "phantom" else [f"--src={args.src}"]
     if not (data / "manifest.json").is_file():
-        run(cmd, args.dry_run, out / "prepare.log")
+        run(cmd, args, out / "logs" / "prepare.log")
     return data
 
 
-def pretrain(args, strategy: str, data: Path, out: Path) -> Path:
-    workdir = out / "pretrain" / strategy
-    config = ("configs/moco_instance.py:demo" if strategy == "instance"
-              else f"configs/moco_medaug.py:{strategy},demo")
+def pretrain(args, strategy: str, seed: int, data: Path, out: Path) -> tuple[Path, float]:
+    workdir = out / "pretrain" / f"{strategy}-seed{seed}"
+    config = "configs/moco_instance.py:demo" if strategy == "instance" else f"configs/moco_medaug.py:{strategy},demo"
     cmd = [sys.executable, "-m", "cxrjax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.data.dir={data}", f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.steps}",
-           f"--config.augment.size={args.size}", f"--config.model.width={args.width}", f"--config.optim.lr={args.lr}",
-           f"--config.seed={args.seed}", "--config.log_every=20"]
-    if args.imagenet_weights:  # MedAug initialises MoCo from ImageNet
-        cmd += ["--config.model.init=imagenet", f"--config.model.weights={args.imagenet_weights}"]
-    run(cmd, args.dry_run, out / f"pretrain-{strategy}.log")
-    return workdir
+           f"--config.seed={seed}", "--config.probe.every=0"]
+    return workdir, run(cmd, args, out / "logs" / f"pretrain-{strategy}-seed{seed}.log")
 
 
-def evaluate(args, name: str, data: Path, out: Path, *init) -> Path:
+def evaluate(args, name: str, data: Path, out: Path, *init: str) -> tuple[Path, float]:
     workdir = out / "eval" / name
     if (workdir / "results.csv").is_file() and not args.dry_run:
         print(f"  {workdir}/results.csv exists; skipped", flush=True)
-        return workdir
+        return workdir, 0.0
     tasks = ",".join(f"'{t}'" for t in args.tasks.split(","))
     cmd = [sys.executable, "-m", "cxrjax.linear_eval", "--config=configs/linear_eval.py:demo", f"--workdir={workdir}",
-           f"--config.data.dir={data}", f"--config.augment.size={args.size}", f"--config.model.width={args.width}",
-           f"--config.tasks=({tasks},)", f"--config.blank={args.blank}", f"--config.fractions=({args.fractions},)",
-           f"--config.seeds=({args.seeds},)", f"--config.name={name}", "--config.bootstrap.samples=1000", *init]
-    run(cmd, args.dry_run, out / f"eval-{name}.log")
-    return workdir
+           f"--config.data.dir={data}", f"--config.tasks=({tasks},)", f"--config.blank={args.blank}",
+           f"--config.fractions=({args.fractions},)", f"--config.seeds=({args.label_seeds},)",
+           f"--config.feature_cache={out / 'features'}", "--config.bootstrap.samples=200", *init]
+    return workdir, run(cmd, args, out / "logs" / f"eval-{name}.log")
 
 
-def collect(args, rows: list[str], out: Path, data: Path, baseline: str) -> tuple[pd.DataFrame, str]:
-    """One table: per task and label fraction, each model's AUC and its paired delta vs the baseline."""
-    from cxrjax.eval import linear
+def scores_by_method(preds: pd.DataFrame, methods: dict[str, list[str]], task: str, fraction: float):
+    """{method: (n_pre, n_label, n_test)} probe scores, the test rows and their labels."""
+    p = preds[(preds.task == task) & (np.isclose(preds.fraction, fraction))]
+    p = p[np.isfinite(p.label)]
+    rows = np.sort(p.row.unique())
+    labels = p.groupby("row")["label"].first().reindex(rows).to_numpy()
+    out = {}
+    for method, models in methods.items():
+        per_model = []
+        for m in models:
+            wide = p[p.model == m].pivot(index="row", columns="seed", values="score").reindex(rows)
+            if wide.isna().any().any():
+                raise ValueError(f"{m}: no score for some test rows of {task} at {fraction}")
+            per_model.append(wide.to_numpy().T)  # (n_label, n_test)
+        out[method] = np.stack(per_model)
+    return out, rows, labels
 
+
+def analyse(args, out: Path, data: Path, methods: dict[str, list[str]], evals: list[Path], reference: str):
+    from cxrjax.eval import compare
+
+    preds = pd.concat([pd.read_parquet(e / "predictions.parquet") for e in evals], ignore_index=True)
+    preds = preds.drop_duplicates(["model", "task", "fraction", "seed", "row"])
     table = pd.read_parquet(data / "table.parquet", columns=["patient_id"])
-    patients = table["patient_id"].to_numpy()
-    summaries = {r: pd.read_csv(out / "eval" / r / "results.csv") for r in rows}
-    preds = {r: pd.read_parquet(out / "eval" / r / "predictions.parquet") for r in rows}
     recs = []
-    for (task, fraction), _ in summaries[rows[0]].groupby(["task", "fraction"], sort=False):
-        def scores(r):
-            p = preds[r][(preds[r].task == task) & (preds[r].fraction == fraction)]
-            wide = p.pivot(index="row", columns="seed", values="score")
-            labels = p.groupby("row")["label"].first().loc[wide.index].to_numpy()
-            return wide.index.to_numpy(), labels, wide.to_numpy().T
+    for task in args.tasks.split(","):
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            scores, rows, labels = scores_by_method(preds, methods, task, fraction)
+            res, delta = compare.compare(scores, labels, table["patient_id"].to_numpy()[rows], reference=reference,
+                                         samples=args.bootstrap, seed=0)
+            for m, r in res.items():
+                d = delta.get(m, (np.nan,) * 3)
+                recs.append(dict(task=task, fraction=fraction, method=m, label=LABELS.get(m, m), auc=r.mean,
+                                 sd_seeds=r.sd_seeds, sd_labels=r.sd_labels, ci_lo=r.ci[0], ci_hi=r.ci[1],
+                                 delta=d[0], delta_lo=d[1], delta_hi=d[2], seeds=len(r.per_seed),
+                                 per_seed=" ".join(f"{x:.3f}" for x in r.per_seed), test_images=len(rows),
+                                 test_positives=int(labels.sum()),
+                                 test_patients=int(pd.Series(table["patient_id"].to_numpy()[rows]).nunique())))
+    return pd.DataFrame(recs)
 
-        base_rows, y, base_scores = scores(baseline)
-        for r in rows:
-            s = summaries[r][(summaries[r].task == task) & (summaries[r].fraction == fraction)].iloc[0]
-            rr, yr, sc = scores(r)
-            if not np.array_equal(rr, base_rows):
-                raise ValueError(f"{r} and {baseline} were evaluated on different test images")
-            d, lo, hi = linear.bootstrap_auc_delta(y, sc, base_scores, patients[rr], samples=1000, seed=0)
-            recs.append(dict(task=task, fraction=fraction, strategy=r, label=LABELS.get(r, r), auc_mean=s.auc_mean,
-                             auc_sd=s.auc_sd, ci_lo=s.ci_lo, ci_hi=s.ci_hi, delta=d, delta_lo=lo, delta_hi=hi,
-                             rel_delta=d / _mean_auc(y, base_scores),
-                             test_images=s.test_images, test_positives=s.test_positives,
-                             test_patients=s.test_patients, train_images=s.train_images_mean))
-    df = pd.DataFrame(recs)
+
+def markdown(df: pd.DataFrame, reference: str) -> str:
     lines = []
     for (task, fraction), g in df.groupby(["task", "fraction"], sort=False):
         g0 = g.iloc[0]
-        lines += ["", f"**{task}, {linear.format_fraction(fraction)} of the training labels** "
-                      f"(test: {g0.test_images} images, {g0.test_positives} positive, {g0.test_patients} patients; "
-                      f"train sample: {g0.train_images:.0f} images on average)", "",
-                  f"| pre-training | mean AUC ± SD (seeds) | 95% CI | Δ vs {LABELS.get(baseline, baseline)} [95% CI] |",
-                  "|---|---|---|---|"]
+        lines += ["", f"**{task}, {fraction:.0%} of the training patients' labels** (test: {g0.test_images} images, "
+                      f"{g0.test_positives} positive, {g0.test_patients} patients)", "",
+                  f"| pre-training | AUC | SD seeds | SD label draws | 95% CI (seeds x patients) | Δ vs "
+                  f"{LABELS[reference]} [95% CI] | per seed |", "|---|---|---|---|---|---|---|"]
         for x in g.itertuples(index=False):
-            delta = "—" if x.strategy == baseline else (f"{x.delta:+.3f} ({x.rel_delta:+.1%}) "
-                                                         f"[{x.delta_lo:+.3f}, {x.delta_hi:+.3f}]")
-            lines.append(f"| {x.label} | {x.auc_mean:.3f} ± {x.auc_sd:.3f} | [{x.ci_lo:.3f}, {x.ci_hi:.3f}] | {delta} |")
-    return df, "\n".join(lines) + "\n"
+            delta = "—" if x.method == reference else f"{x.delta:+.3f} [{x.delta_lo:+.3f}, {x.delta_hi:+.3f}]"
+            sd = "—" if not np.isfinite(x.sd_seeds) else f"{x.sd_seeds:.3f}"
+            lines.append(f"| {x.label} | {x.auc:.3f} | {sd} | {x.sd_labels:.3f} | [{x.ci_lo:.3f}, {x.ci_hi:.3f}] "
+                         f"| {delta} | {x.per_seed} |")
+    return "\n".join(lines) + "\n"
 
 
-def _mean_auc(y, scores) -> float:
-    from cxrjax.eval import linear
+def figure(df: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
 
-    return float(np.mean([linear.task_auc(y, s) for s in scores]))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(df.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (m, g) in enumerate(df[df.task == task].groupby("method", sort=False)):
+            g = g.sort_values("fraction")
+            style = dict(ls="--") if m in ("random", "pixels") else {}
+            ax.plot(g.fraction, g.auc, marker="o", label=LABELS.get(m, m), color=f"C{i}", **style)
+            ax.fill_between(g.fraction, g.ci_lo, g.ci_hi, alpha=0.12, color=f"C{i}")
+        ax.set_xscale("log"), ax.set_xlabel("fraction of training patients labelled"), ax.set_ylabel("test AUC")
+        ax.set_title(task, fontsize=10), ax.axhline(0.5, color="grey", lw=0.6)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out).resolve()
+    args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t_start = time.time()
     strategies = [s for s in args.strategies.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     unknown = [s for s in strategies if s not in STRATEGIES and not s.startswith("study-")]
     if unknown:
         raise SystemExit(f"medaug_sweep: unknown strategies {unknown}; MedAug's are {', '.join(STRATEGIES)}")
-    if args.imagenet_weights and not Path(args.imagenet_weights).is_file():
-        raise SystemExit(f"medaug_sweep: --imagenet_weights={args.imagenet_weights} does not exist")
 
     data = prepare(args, out)
-    rows = []
+    walls: dict[str, float] = {}
+    checkpoints: dict[str, list[str]] = {}
     for s in strategies:
-        workdir = pretrain(args, s, data, out)
-        evaluate(args, s, data, out, f"--config.checkpoint={workdir}")
-        rows.append(s)
-    if args.imagenet_weights:
-        evaluate(args, "imagenet", data, out, "--config.init=imagenet", f"--config.weights={args.imagenet_weights}")
-        rows.append("imagenet")
-    evaluate(args, "random", data, out, "--config.init=random", f"--config.seed={args.seed}")
-    rows.append("random")
+        for seed in seeds:
+            workdir, walls[f"pretrain {s} seed {seed}"] = pretrain(args, s, seed, data, out)
+            checkpoints.setdefault(s, []).append(str(workdir))
+    # one evaluation of every checkpoint: the same label draws, test images and raw-pixel row for all
+    all_ckpts = [c for s in strategies for c in checkpoints[s]]
+    ev_main, walls["evaluate checkpoints + pixels"] = evaluate(
+        args, "checkpoints", data, out, f"--config.checkpoint={','.join(all_ckpts)}", "--config.baselines=('pixels',)")
+    evals = [ev_main]
+    for seed in seeds:  # random init of each pre-training seed: the weights every strategy started from
+        e, walls[f"evaluate random seed {seed}"] = evaluate(args, f"random-seed{seed}", data, out,
+                                                            "--config.init=random", f"--config.seed={seed}",
+                                                            f"--config.name=random-seed{seed}", "--config.baselines=()")
+        evals.append(e)
     if args.dry_run:
         return
-    baseline = args.baseline or ("imagenet" if args.imagenet_weights else "random")
-    df, md = collect(args, rows, out, data, baseline)
-    header = (f"MedAug sweep on `{data}` ({args.source}); pre-training: ResNet-18 width {args.width}, "
-              f"{args.size} px, batch 16, {args.steps} steps, Adam lr {args.lr}, seed {args.seed}"
-              f"{', ImageNet init' if args.imagenet_weights else ', random init'}; linear eval: seeds {args.seeds}, "
-              f"fractions {args.fractions}, blank={args.blank}; CI = 95% bootstrap over test patients (1000 resamples). "
-              + ("" if args.imagenet_weights else "ImageNet baseline: not available (no local weights). ")
-              + f"Wall time {(time.time() - t0) / 60:.1f} min.\n\n    python launch/medaug_sweep.py "
-              + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])) + "\n")
+    names = pd.read_parquet(ev_main / "predictions.parquet").model.unique().tolist()
+    methods = match_models(names, strategies, seeds, checkpoints)
+    methods["random"] = [f"random-seed{s}" for s in seeds]
+    methods["pixels"] = ["pixels"]
+    reference = "instance" if "instance" in methods else strategies[0]
+    df = analyse(args, out, data, methods, evals, reference)
+    minutes = (time.time() - t_start) / 60
+    load = os.getloadavg()
+    title = (f"MedAug in miniature on {args.source} ({data.name}): {len(strategies)} strategies x {len(seeds)} "
+             f"pre-training seeds, {args.steps} steps each; label draws {args.label_seeds}")
+    header = (f"{title}. 95% CI: {args.bootstrap} hierarchical bootstrap replicates over pre-training seeds and "
+              f"test patients (cxrjax/eval/compare.py); deltas paired by seed and test patients. Wall time "
+              f"{minutes:.1f} min (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).\n\n"
+              f"    python launch/medaug_sweep.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])) + "\n")
     df.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(header + md)
-    (out / "sweep.json").write_text(json.dumps(vars(args), indent=1))
-    print(header + md, flush=True)
+    (out / "table.md").write_text(header + markdown(df, reference))
+    (out / "sweep.json").write_text(json.dumps({"args": vars(args), "methods": methods, "wall_s": walls,
+                                                "minutes": minutes, "load": load}, indent=1))
+    figure(df, out / "auc_vs_labels.png", title)
+    print(header + markdown(df, reference), flush=True)
+
+
+def match_models(names, strategies, seeds, checkpoints) -> dict[str, list[str]]:
+    """The evaluation's row names of each strategy's checkpoints, in seed order. linear_eval names a run
+    `<strategy>@<step>`, and a repeated name `<strategy>@<step> (<workdir>)`."""
+    out = {}
+    for s in strategies:
+        mine = []
+        for workdir in checkpoints[s]:
+            hit = [n for n in names if n.endswith(f"({workdir})") and n.startswith(f"{s}@")]
+            if not hit:  # the first run of that name carries no workdir
+                hit = [n for n in names if n.startswith(f"{s}@") and "(" not in n]
+            if len(hit) != 1:
+                raise SystemExit(f"medaug_sweep: cannot find the evaluation row of {workdir} among {names}")
+            mine.append(hit[0])
+        out[s] = mine
+    return out
 
 
 if __name__ == "__main__":
