@@ -216,7 +216,9 @@ def quiet_failed_reads():
 def ignore_late_read_callbacks() -> None:
     """After a failed read, TensorStore may complete the other reads of that restore later, and their
     callbacks find Orbax's event loop closed: Python prints "Exception ignored ... RuntimeError: Event
-    loop is closed" with a traceback. Those reads are already abandoned; drop exactly that message."""
+    loop is closed" with a traceback; and the abandoned read coroutines, closed when garbage-collected
+    (possibly much later), raise Orbax's "Encountered error while reading array index". Those reads are
+    already abandoned and the first error was reported; drop exactly these two messages."""
     previous = sys.unraisablehook
     if getattr(previous, "cxrjax_late_reads", False):
         return
@@ -225,12 +227,15 @@ def ignore_late_read_callbacks() -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
             return
+        if type(exc) is Exception and str(exc).startswith(_ABANDONED_READ) and isinstance(exc.__cause__, GeneratorExit):
+            return
         previous(unraisable)
 
     hook.cxrjax_late_reads = True
     sys.unraisablehook = hook
 
 
+_ABANDONED_READ = "Encountered error while reading array index"  # orbax serialization.py, a read closed unfinished
 # TensorStore status codes of a read that found missing, short or undecodable data.
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
 
