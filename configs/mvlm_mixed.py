@@ -35,6 +35,9 @@ def get_config(arg=None):
     c.data.paired_fraction = 0.5  # the other half of the patients: unpaired images + unpaired reports
     c.data.text_source = "records"  # their own reports; 'reports' = reports.parquet of another institution
     c = apply_variants(c, arg)
-    if "demo" in (arg or "").split(","):
+    variants = (arg or "").split(",")
+    if "demo" in variants:
         c.data.paired_fraction = 0.25
+    if "cpu" in variants:
+        c.data.paired_fraction = 0.5  # half the patients paired (the same ones in both configs)
     return c

@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.data.shares = {"paired": 1.0}
     c.data.paired_fraction = 1.0
     c = apply_variants(c, arg)
-    if "demo" in (arg or "").split(","):
+    variants = (arg or "").split(",")
+    if "demo" in variants:
         c.data.paired_fraction = 0.25
+    if "cpu" in variants:
+        c.data.paired_fraction = 0.5  # half the patients paired (the same ones in both configs)
     return c

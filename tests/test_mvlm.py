@@ -72,6 +72,25 @@ def test_unpaired_examples_never_see_the_other_modality(model):
     assert np.abs(np.asarray(img3[0]) - np.asarray(img[0])).max() > 1e-4
 
 
+def test_single_modality_passes_equal_joint_passes_with_the_other_modality_absent(model):
+    """The train step runs image-only and text-only rows through passes that hold no tokens of the other
+    modality: the states must be those of a joint pass in which that modality is absent."""
+    b = random_batch()
+    n = len(b["image"])
+    img_joint, _ = model(jnp.asarray(b["image"]), jnp.ones(n, bool), jnp.asarray(b["patch_mask"]),
+                         jnp.asarray(b["text_ids"]), jnp.zeros((n, L), bool))
+    img_only, none = model(jnp.asarray(b["image"]), jnp.ones(n, bool), jnp.asarray(b["patch_mask"]), None, None)
+    assert none is None and img_only.shape == (n, N, 32)
+    np.testing.assert_allclose(np.asarray(img_only), np.asarray(img_joint), atol=2e-5)
+    valid = jnp.asarray(b["text_valid"])
+    _, txt_joint = model(jnp.asarray(b["image"]), jnp.zeros(n, bool), jnp.asarray(b["patch_mask"]),
+                         jnp.asarray(b["text_ids"]), valid)
+    none, txt_only = model(None, None, None, jnp.asarray(b["text_ids"]), valid)
+    assert none is None
+    rows = b["text_valid"].any(1)  # rows with some text (a row without any attends to CLS alone either way)
+    np.testing.assert_allclose(np.asarray(txt_only)[rows], np.asarray(txt_joint)[rows], atol=2e-5)
+
+
 def test_padding_is_ignored(model):
     b = random_batch()
     img, txt = forward(model, b)

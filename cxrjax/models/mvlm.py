@@ -79,23 +79,30 @@ class MVLM(nnx.Module):
     # -- the joint pass ----------------------------------------------------------------------
 
     def __call__(self, image, image_present, patch_mask, text_ids, text_valid) -> tuple[jax.Array, jax.Array]:
-        """image (B,S,S,1) uint8/uint16 or float (already normalised); image_present (B,); patch_mask (B,N)
-        True = masked; text_ids (B,L); text_valid (B,L) (all False = no text).
-        -> (image token states (B,N,D), text token states (B,L,D))."""
+        """The joint pass. image (B,S,S,1) uint8/uint16 or float (already normalised); image_present (B,);
+        patch_mask (B,N) True = masked; text_ids (B,L); text_valid (B,L) (all False = no text).
+        -> (image token states (B,N,D), text token states (B,L,D)).
+
+        `image=None` / `text_ids=None`: a single-modality pass whose sequence holds no tokens of the other
+        modality at all (returned as None) -- the same states as a joint pass with that modality absent
+        (absent tokens get no attention), for fewer FLOPs."""
         v, dt = self.cfg.vit, self.cfg.vit.compute_dtype
-        b = image.shape[0]
-        img = self.patch_embed(normalize(image).astype(dt))
-        img = jnp.where(patch_mask[..., None], self.mask_patch[...].astype(dt), img)
-        img = img + jnp.asarray(vit.sincos_2d(v.grid, v.hidden), dt) + self.type_embed[TYPE_IMAGE].astype(dt)
-        txt = self.token_embed(text_ids) + self.text_pos[...][: text_ids.shape[1]].astype(dt)
-        txt = txt + self.type_embed[TYPE_TEXT].astype(dt)
+        parts, valid = [], []
+        if image is not None:
+            img = self.patch_embed(normalize(image).astype(dt))
+            img = jnp.where(patch_mask[..., None], self.mask_patch[...].astype(dt), img)
+            parts.append(img + jnp.asarray(vit.sincos_2d(v.grid, v.hidden), dt) + self.type_embed[TYPE_IMAGE].astype(dt))
+            valid.append(jnp.broadcast_to(image_present[:, None], img.shape[:2]))
+        if text_ids is not None:
+            txt = self.token_embed(text_ids) + self.text_pos[...][: text_ids.shape[1]].astype(dt)
+            parts.append(txt + self.type_embed[TYPE_TEXT].astype(dt))
+            valid.append(text_valid)
+        b = parts[0].shape[0]
         cls = jnp.broadcast_to((self.cls[...] + self.type_embed[TYPE_CLS]).astype(dt), (b, 1, v.hidden))
-        tokens = jnp.concatenate([cls, img, txt], axis=1)
-        key_valid = jnp.concatenate([jnp.ones((b, 1), bool),
-                                     jnp.broadcast_to(image_present[:, None], img.shape[:2]), text_valid], axis=1)
-        out = self.encoder(tokens, key_valid)
-        n = v.num_patches
-        return out[:, 1 : 1 + n], out[:, 1 + n :]
+        out = self.encoder(jnp.concatenate([cls, *parts], axis=1), jnp.concatenate([jnp.ones((b, 1), bool), *valid], 1))
+        n = v.num_patches if image is not None else 0
+        return (out[:, 1 : 1 + n] if image is not None else None,
+                out[:, 1 + n :] if text_ids is not None else None)
 
     # -- heads -------------------------------------------------------------------------------
 
@@ -114,16 +121,13 @@ class MVLM(nnx.Module):
 
     def embed_image(self, image: jax.Array) -> jax.Array:
         """(B,S,S,1) -> (B,D): mean of the patch states of an image-only, unmasked pass."""
-        b, n, L = image.shape[0], self.cfg.vit.num_patches, 1
-        states, _ = self(image, jnp.ones((b,), bool), jnp.zeros((b, n), bool), jnp.zeros((b, L), jnp.int32),
-                         jnp.zeros((b, L), bool))
+        b, n = image.shape[0], self.cfg.vit.num_patches
+        states, _ = self(image, jnp.ones((b,), bool), jnp.zeros((b, n), bool), None, None)
         return pool_image(states)
 
     def embed_text(self, text_ids: jax.Array, text_valid: jax.Array) -> jax.Array:
         """(B,L) ids -> (B,D): mean over the valid word-piece states of a text-only pass."""
-        b, n, s = text_ids.shape[0], self.cfg.vit.num_patches, self.cfg.vit.image_size
-        _, states = self(jnp.zeros((b, s, s, self.cfg.vit.channels), jnp.float32), jnp.zeros((b,), bool),
-                         jnp.zeros((b, n), bool), text_ids, text_valid)
+        _, states = self(None, None, None, text_ids, text_valid)
         return pool_text(states, text_valid)
 
 

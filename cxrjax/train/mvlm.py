@@ -91,14 +91,24 @@ def default_config():
     return c
 
 
-VARIANTS = ("demo", "bf16", "conv", "small", "large", "remat")
+VARIANTS = ("demo", "cpu", "bf16", "conv", "small", "large", "remat")
 
 
 def apply_variants(c, arg: str | None):
-    """`:variant` options (comma-separated): demo (phantom, minutes on CPU), bf16, conv (patch-local CNN
-    stem), small / large (ViT-S/16, ViT-L/16), remat (rematerialise every block)."""
-    for v in filter(None, (arg or "").split(",")):
-        if v == "demo":
+    """`:variant` options (comma-separated): demo (phantom, minutes on CPU), cpu (the demo's model, trained
+    long enough to learn on a CPU budget: docs/mvlm_results.md), bf16, conv (patch-local CNN stem),
+    small / large (ViT-S/16, ViT-L/16), remat (rematerialise every block)."""
+    variants = list(filter(None, (arg or "").split(",")))
+    if "cpu" in variants and "demo" not in variants:
+        variants.insert(variants.index("cpu"), "demo")
+    for v in variants:
+        if v == "cpu":  # after demo: what differs from it, and why
+            c.phantom.patients = 1500  # ~5,000 images: 900 steps x 32 see each paired image ~11 times
+            c.text.max_len = 128  # the phantom's reports: median 55, 90th percentile 103 word pieces (64 cut 45 %)
+            c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 32, 900, 50, 300
+            c.optim.warmup_steps = 60
+            c.loss.itc = 1.0  # retrieval and the probe depend on the image-report alignment
+        elif v == "demo":
             c.data.dir = ""
             c.phantom.patients, c.phantom.size = 400, 64
             c.augment.size = 64
@@ -175,48 +185,74 @@ def optimizer(config, total_steps: int):
     return tx, schedule
 
 
-def make_train_step(config, graphdef, tx, schedule, paired_rows):
-    """The pure step: one joint masked pass (+ clean single-modality passes of the paired rows for ITC).
+def make_train_step(config, graphdef, tx, schedule, rows: dict[str, np.ndarray]):
+    """The pure step. `rows`: the global batch rows of each kind (`vl_pipeline.kind_rows`: every process's
+    block of the global batch is [paired, image, text], so with several processes a kind's rows are not
+    contiguous); taken as static slices, no gather. Three encoder passes, each holding only the tokens
+    its rows have (an absent modality would get no attention anyway: same states, fewer FLOPs):
 
-    `paired_rows`: the global batch rows holding paired examples (`vl_pipeline.kind_rows`: each
-    process's block of the global batch starts with its own paired rows, so with several processes
-    they are not the first rows). Static: a concatenation of static slices, no gather."""
+        joint       paired rows: masked image + MLM-corrupted report        -> MVM + MLM
+        image-only  image rows (masked) + the paired rows' clean images      -> MVM; ITC image side
+        text-only   text rows (corrupted) + the paired rows' clean reports   -> MLM; ITC text side
+    """
     w = config.loss
     patch, norm_pix, num_scales = config.model.patch, config.model.norm_pix, len(config.mask.scales)
-    runs = contiguous_runs(paired_rows)
-    num_paired = len(paired_rows)
+    runs = {k: contiguous_runs(r) for k, r in rows.items() if len(r)}
+    n_paired = len(rows.get("paired", ()))
+    itc = w.itc > 0 and n_paired > 1
 
-    def paired(x):
-        return jnp.concatenate([x[a:b] for a, b in runs]) if len(runs) > 1 else x[runs[0][0] : runs[0][1]]
+    def take(batch, kind):
+        r = runs[kind]
+        return {k: (jnp.concatenate([x[a:b] for a, b in r]) if len(r) > 1 else x[r[0][0] : r[0][1]])
+                for k, x in batch.items()}
+
+    def cat(*xs):
+        return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        text_valid = batch["text_valid"] & batch["text_present"][:, None]
-        image, present, patch_mask, ids = batch["image"], batch["image_present"], batch["patch_mask"], batch["text_ids"]
-        b = image.shape[0]
-        itc = w.itc > 0 and num_paired > 1
+        batch = dict(batch, text_valid=batch["text_valid"] & batch["text_present"][:, None])
+        mvm_rows, mvm_states, mlm_labels, mlm_states = [], [], [], []
+        if "paired" in runs:
+            p = take(batch, "paired")
+            img, txt = model(p["image"], p["image_present"], p["patch_mask"], p["text_ids"], p["text_valid"])
+            mvm_rows.append(p), mvm_states.append(img), mlm_labels.append(p["text_labels"]), mlm_states.append(txt)
+        # image-only pass: the image rows, then (ITC) the paired rows' images unmasked
+        image_in = [take(batch, "image")] if "image" in runs else []
         if itc:
-            # The clean single-modality passes of the paired rows ride in the same encoder call as extra
-            # rows: one pass, one large matmul per layer.
-            p_labels, p_ids, p_image, p_valid = (paired(batch["text_labels"]), paired(ids), paired(image),
-                                                 paired(text_valid))
-            clean_ids = jnp.where(p_labels >= 0, p_labels, p_ids)  # undo the MLM corruption
-            no = jnp.zeros((num_paired,), bool)
-            image = jnp.concatenate([image, p_image, jnp.zeros_like(p_image)])
-            present = jnp.concatenate([present, ~no, no])
-            patch_mask = jnp.concatenate([patch_mask, jnp.zeros((2 * num_paired, patch_mask.shape[1]), bool)])
-            ids = jnp.concatenate([ids, jnp.zeros_like(p_ids), clean_ids])
-            text_valid = jnp.concatenate([text_valid, jnp.zeros_like(p_valid), p_valid])
-        img_states, txt_states = model(image, present, patch_mask, ids, text_valid)
-        l_mvm, metrics = mvlm.mvm_loss(model.regenerate(img_states[:b]), patch_targets(batch["image"]),
-                                       batch["patch_mask"], batch["image_present"], batch["mask_scale"], num_scales)
-        l_mlm, m = mlm_loss(model, txt_states[:b], batch["text_labels"])
-        metrics.update(m)
-        total = w.mlm * l_mlm + w.mvm * l_mvm
+            image_in.append(dict(p, patch_mask=jnp.zeros_like(p["patch_mask"])))
+        if image_in:
+            states, _ = model(cat(*(x["image"] for x in image_in)), cat(*(x["image_present"] for x in image_in)),
+                              cat(*(x["patch_mask"] for x in image_in)), None, None)
+            if "image" in runs:
+                mvm_rows.append(image_in[0]), mvm_states.append(states[: len(rows["image"])])
+            clean_image = states[len(states) - n_paired :] if itc else None
+        # text-only pass: the text rows, then (ITC) the paired rows' reports without the MLM corruption
+        text_in = [take(batch, "text")] if "text" in runs else []
         if itc:
-            img = model.image_proj(mvlm.pool_image(img_states[b : b + num_paired]))
-            txt = model.text_proj(mvlm.pool_text(txt_states[b + num_paired :], text_valid[b + num_paired :]))
-            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], paired(batch["source"]) == 0)
+            text_in.append(dict(p, text_ids=jnp.where(p["text_labels"] >= 0, p["text_labels"], p["text_ids"])))
+        if text_in:
+            _, states = model(None, None, None, cat(*(x["text_ids"] for x in text_in)),
+                              cat(*(x["text_valid"] for x in text_in)))
+            if "text" in runs:
+                mlm_labels.append(text_in[0]["text_labels"]), mlm_states.append(states[: len(rows["text"])])
+            clean_text = states[len(states) - n_paired :] if itc else None
+
+        total, metrics = 0.0, {}
+        if mvm_rows:
+            l_mvm, m = mvlm.mvm_loss(model.regenerate(cat(*mvm_states)), patch_targets(cat(*(x["image"] for x in mvm_rows))),
+                                     cat(*(x["patch_mask"] for x in mvm_rows)), cat(*(x["image_present"] for x in mvm_rows)),
+                                     cat(*(x["mask_scale"] for x in mvm_rows)), num_scales)
+            metrics.update(m)
+            total = total + w.mvm * l_mvm
+        if mlm_states:
+            l_mlm, m = mvlm.mlm_loss(model.mlm_logits(cat(*mlm_states)), cat(*mlm_labels))
+            metrics.update(m)
+            total = total + w.mlm * l_mlm
+        if itc:
+            img = model.image_proj(mvlm.pool_image(clean_image))
+            txt = model.text_proj(mvlm.pool_text(clean_text, p["text_valid"]))
+            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], p["source"] == 0)
             metrics.update(m)
             total = total + w.itc * l_itc
         metrics["loss"] = total
@@ -224,9 +260,6 @@ def make_train_step(config, graphdef, tx, schedule, paired_rows):
 
     def patch_targets(image):
         return mvlm.patch_targets(image, patch, norm_pix)
-
-    def mlm_loss(model, states, labels):
-        return mvlm.mlm_loss(model.mlm_logits(states), labels)
 
     def train_step(state: TrainState, batch: dict):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
@@ -264,11 +297,13 @@ def contiguous_runs(rows) -> list[tuple[int, int]]:
     return runs or [(0, 0)]
 
 
-def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict[str, int]) -> Training:
+def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict[str, int],
+                   materialize: bool = True) -> Training:
     """Model -> shardings (logical names -> mesh) -> optimizer -> sharded initial state -> jitted step.
 
     counts: examples of each kind per global batch (`VLConfig.counts()`); with the batch sharding they
-    give where the paired rows sit in the global batch (`vl_pipeline.kind_rows`)."""
+    give where the paired rows sit in the global batch (`vl_pipeline.kind_rows`). materialize=False:
+    shapes and shardings only (`state` is abstract; for lowering the step, e.g. benchmarks/hlo_report.py)."""
     mcfg = model_config(config, vocab_size)
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(lambda: mvlm.MVLM(mcfg, rngs=nnx.Rngs(0)))
@@ -283,6 +318,19 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict
             model = mvlm.MVLM(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")))
         return nnx.state(model, nnx.Param)
 
+    if not materialize:
+        params = jax.jit(init_params, out_shardings=p_sharding).eval_shape()
+        opt_state = jax.eval_shape(tx.init, params)
+        o_sharding = mesh_lib.state_sharding(opt_state, mesh)  # moments mirror the parameters' names
+        state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
+                           first_bad_step=jax.ShapeDtypeStruct((), jnp.int32))
+        state_sharding = TrainState(step=replicated, params=p_sharding, opt_state=o_sharding, first_bad_step=replicated)
+        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding)
+        batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
+        step_fn = make_train_step(config, graphdef, tx, schedule, vl_pipeline.kind_rows(counts, batch_sharding))
+        train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                             out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+        return Training(graphdef, abstract, abstract, state_sharding, batch_sharding, train_step)
     params = jax.jit(init_params, out_shardings=p_sharding)()
     opt_state = jax.jit(tx.init)(params)  # moments follow the parameters' shardings (propagated by XLA)
     # ... except leaves XLA put on one device (step counts): replicate those
@@ -295,11 +343,36 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
-    paired_rows = vl_pipeline.kind_rows(counts, batch_sharding).get("paired", np.zeros(0, np.int64))
-    step_fn = make_train_step(config, graphdef, tx, schedule, paired_rows)
+    step_fn = make_train_step(config, graphdef, tx, schedule, vl_pipeline.kind_rows(counts, batch_sharding))
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return Training(graphdef, state, abstract, state_sharding, batch_sharding, train_step)
+
+
+def abstract_batch(config, mesh, counts: dict[str, int]) -> dict:
+    """The global batch the step takes (shapes, dtypes, batch sharding), as `vl_pipeline` makes it."""
+    b, s, L = sum(counts.values()), config.augment.size, config.text.max_len
+    n = (s // config.model.patch) ** 2
+    sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
+    shapes = {"row": ((b,), jnp.int32), "source": ((b,), jnp.int32), "image": ((b, s, s, 1), jnp.uint8),
+              "image_present": ((b,), bool), "patch_mask": ((b, n), bool), "mask_scale": ((b,), jnp.int32),
+              "text_ids": ((b, L), jnp.int32), "text_labels": ((b, L), jnp.int32), "text_valid": ((b, L), bool),
+              "text_present": ((b,), bool)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def abstract_step(config, num_devices: int):
+    """(lowered train step, title) of `config` on all `num_devices` devices, compiled from shapes only
+    (no data, no initialised weights): for benchmarks/hlo_report.py."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    b = config.batch_size
+    counts = {k: int(round(float(v) * b)) for k, v in dict(config.data.shares).items() if round(float(v) * b)}
+    setup = build_training(config, mesh, config.text.vocab_size, total_steps=1000, counts=counts, materialize=False)
+    m = config.model
+    title = (f"MVLM ViT-{m.size} (patch {m.patch}, {m.stem} stem), global batch {b} {counts}, "
+             f"{config.augment.size} px + {config.text.max_len} word pieces, vocab {config.text.vocab_size}, "
+             f"ITC {'on' if config.loss.itc > 0 else 'off'}, on {num_devices} devices ({mesh_lib.describe(mesh)})")
+    return setup.train_step.lower(setup.abstract, abstract_batch(config, mesh, counts)), title
 
 
 def _fingerprint(config, data_dir: str, vocab_size: int) -> dict:
