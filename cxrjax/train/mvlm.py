@@ -361,10 +361,10 @@ def abstract_batch(config, mesh, counts: dict[str, int]) -> dict:
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
-def abstract_step(config, num_devices: int):
-    """(lowered train step, title) of `config` on all `num_devices` devices, compiled from shapes only
-    (no data, no initialised weights): for benchmarks/hlo_report.py."""
-    mesh = mesh_lib.make_mesh(config.mesh)
+def abstract_step(config, num_devices: int, devices=None):
+    """(lowered train step, title) of `config` on `num_devices` devices (all of them, or `devices` with a
+    data-only mesh), lowered from shapes only (no data, no initialised weights): benchmarks/hlo_report.py."""
+    mesh = mesh_lib.make_mesh(config.mesh) if devices is None else mesh_lib.make_mesh({"data": -1}, devices=devices)
     b = config.batch_size
     counts = {k: int(round(float(v) * b)) for k, v in dict(config.data.shares).items() if round(float(v) * b)}
     setup = build_training(config, mesh, config.text.vocab_size, total_steps=1000, counts=counts, materialize=False)
