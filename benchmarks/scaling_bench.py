@@ -153,6 +153,18 @@ def run_flops(args) -> list[dict]:
         r["mfu"] = args.mfu
         print(f"| {r['model']} | {r['size']} | {r['gflop_per_image']:.2f} | "
               + " | ".join(f"{v:,.0f}" for v in tput.values()) + " |")
+    per_chip = args.per_chip_batch
+    print(f"\nstep time (ms) at {per_chip} images per chip, MFU {args.mfu:.0%} / host CPU cores per chip to feed it "
+          f"({args.host_cpu_ms} CPU-ms per image on the host):")
+    print("| model | px | " + " | ".join(PEAKS) + " |")
+    print("|---|---|" + "---|" * len(PEAKS))
+    for r in rows:
+        cells = []
+        for k, ips in r["img_per_s_per_chip"].items():
+            ms, cores = 1000 * per_chip / ips, ips * args.host_cpu_ms / 1000
+            r.setdefault("step_ms", {})[k], r.setdefault("host_cores_per_chip", {})[k] = ms, cores
+            cells.append(f"{ms:.0f} ms / {cores:.1f} cores")
+        print(f"| {r['model']} | {r['size']} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -165,6 +177,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--flops_batch", type=int, default=16)
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the table")
+    ap.add_argument("--per_chip_batch", type=int, default=32, help="images per chip per step for the step-time table")
+    ap.add_argument("--host_cpu_ms", type=float, default=0.44,
+                    help="host CPU-ms per image (README: pipeline_bench raw:device:hostonly, 4576 img/s on 2 cores)")
     ap.add_argument("--out", default="", help="append JSON lines here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
