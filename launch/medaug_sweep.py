@@ -30,6 +30,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_xscale("log"), ax.set_xlabel("fraction of training patients labelled"), ax.set_ylabel("test AUC")
         ax.set_title(task, fontsize=10), ax.axhline(0.5, color="grey", lw=0.6)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
