@@ -13,7 +13,6 @@ of the joint sequence) followed by one [SEP], truncated to `max_len`, padded wit
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -50,22 +49,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     return tok
 
 
-def save(tok: Tokenizer, directory: str | Path) -> Path:
-    path = Path(directory) / FILENAME
+def save(tok: Tokenizer, directory):
+    """WORKDIR/tokenizer.json; a local path or a URL (gs://..., through etils.epath)."""
+    from etils import epath
+
+    path = epath.Path(directory) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    path.write_text(tok.to_str())
     return path
 
 
-def load(directory_or_file: str | Path) -> Tokenizer:
-    """The tokenizer saved with a run (`WORKDIR/tokenizer.json`), offline."""
-    path = Path(directory_or_file)
+def load(directory_or_file) -> Tokenizer:
+    """The tokenizer saved with a run (`WORKDIR/tokenizer.json`, local or a URL), offline."""
+    from etils import epath
+
+    path = epath.Path(directory_or_file)
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the tokenizer is written to the run's workdir when a masked "
                                 "vision-language run starts; pass that workdir (or its tokenizer.json)")
-    tok = Tokenizer.from_file(str(path))
+    tok = Tokenizer.from_str(path.read_text())
     for i, s in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(s) != i:
             raise ValueError(f"{path}: special token {s} has id {tok.token_to_id(s)}, expected {i} "

@@ -34,6 +34,7 @@ from cxrjax.train import contrastive
 from cxrjax.train import mesh as mesh_lib
 from cxrjax.train import metrics as metrics_lib
 from cxrjax.train import preemption
+from cxrjax.train import workdir as workdir_lib
 
 
 @struct.dataclass
@@ -60,6 +61,8 @@ def default_config():
     c.log_every = 50
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
+    c.checkpoint_atomicity = "auto"  # 'rename' / 'commit_file' (gs://, gcsfuse); train/checkpoint.py
+    c.require_accelerator = False  # True: stop at start-up unless JAX runs on a GPU/TPU (also --require_accelerator)
     c.data = mlc.ConfigDict(dict(
         dir="", name=mlc.FieldReference(None, field_type=str), split="train",
         shares={"paired": 1.0},  # fraction of each batch per kind: paired / image / text
@@ -148,7 +151,7 @@ def model_config(config, vocab_size: int) -> mvlm.MVLMConfig:
 
 
 def load_or_train_tokenizer(config, vl_cfg, workdir, note):
-    path = Path(workdir) / tok_lib.FILENAME
+    path = workdir_lib.workdir_path(workdir) / tok_lib.FILENAME
     if path.is_file():
         return tok_lib.load(path)
     note(f"Training the report tokenizer (WordPiece, vocab <= {config.text.vocab_size}) on the training reports ...")
@@ -391,7 +394,7 @@ def _fingerprint(config, data_dir: str, vocab_size: int) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Run (or resume) a masked vision-language pre-training; returns the last logged metrics."""
-    workdir = str(Path(workdir).resolve())
+    workdir = workdir_lib.workdir_path(workdir)  # local (absolute) or a URL: gs://bucket/run
     note = metrics_lib.note
     if config.total_steps <= 0:
         raise ValueError("config.total_steps must be > 0 for the masked vision-language job")
@@ -403,13 +406,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data_dir = contrastive.prepared_data_dir(config, note)
     vl_cfg = vl_pipeline.config_from_dict(config, data_dir)
     counts = vl_cfg.counts()
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_or_train_tokenizer(config, vl_cfg, workdir, note)
     vocab_size = tokenizer.get_vocab_size()
     ckpt_lib.check_run_compatible(workdir, _fingerprint(config, data_dir, vocab_size))
     ckpt_lib.save_config(workdir, config)  # after the check: a refused config must not replace the run's
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints,
+                                         atomicity_setting=config.checkpoint_atomicity)
     note("Creating model and compiling the train step ...")
     setup = build_training(config, mesh, vocab_size, config.total_steps, counts)
     iterator = vl_pipeline.make_vl_iterator(vl_cfg, tokenizer, mesh, axis=mesh_lib.batch_axes(mesh))
