@@ -321,30 +321,26 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict
             model = mvlm.MVLM(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")))
         return nnx.state(model, nnx.Param)
 
-    if not materialize:
+    if materialize:
+        params = jax.jit(init_params, out_shardings=p_sharding)()
+        opt_state = jax.jit(tx.init)(params)  # moments follow the parameters' shardings (propagated by XLA)
+        # ... except leaves XLA put on one device (step counts): replicate those
+        o_sharding = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else replicated,
+                                  opt_state)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                           first_bad_step=jnp.full((), -1, jnp.int32))
+        state = jax.device_put(state, TrainState(step=replicated, params=p_sharding, opt_state=o_sharding,
+                                                 first_bad_step=replicated))
+        state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    else:  # shapes only: the moments' shardings from the names they share with the parameters
         params = jax.jit(init_params, out_shardings=p_sharding).eval_shape()
         opt_state = jax.eval_shape(tx.init, params)
-        o_sharding = mesh_lib.state_sharding(opt_state, mesh)  # moments mirror the parameters' names
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
                            first_bad_step=jax.ShapeDtypeStruct((), jnp.int32))
-        state_sharding = TrainState(step=replicated, params=p_sharding, opt_state=o_sharding, first_bad_step=replicated)
-        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding)
-        batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
-        step_fn = make_train_step(config, graphdef, tx, schedule, vl_pipeline.kind_rows(counts, batch_sharding))
-        train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                             out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-        return Training(graphdef, abstract, abstract, state_sharding, batch_sharding, train_step)
-    params = jax.jit(init_params, out_shardings=p_sharding)()
-    opt_state = jax.jit(tx.init)(params)  # moments follow the parameters' shardings (propagated by XLA)
-    # ... except leaves XLA put on one device (step counts): replicate those
-    o_sharding = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else replicated,
-                              opt_state)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                       first_bad_step=jnp.full((), -1, jnp.int32))
-    state = jax.device_put(state, TrainState(step=replicated, params=p_sharding, opt_state=o_sharding,
-                                             first_bad_step=replicated))
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state_sharding = TrainState(step=replicated, params=p_sharding, opt_state=mesh_lib.state_sharding(opt_state, mesh),
+                                    first_bad_step=replicated)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding)
+    state = state if materialize else abstract
     batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
     step_fn = make_train_step(config, graphdef, tx, schedule, vl_pipeline.kind_rows(counts, batch_sharding))
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
