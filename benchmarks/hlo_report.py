@@ -3,7 +3,8 @@ r"""What one train step computes and communicates per device, from XLA's compile
     python benchmarks/hlo_report.py --devices=8,64 --job=moco                 # ResNet-50, batch 256, 224 px
     python benchmarks/hlo_report.py --devices=8,64 --job=moco --batch=1024
     python benchmarks/hlo_report.py --devices=8 --job=moco --arch=resnet18 --batch=16 --groups=1   # MedAug's run
-    python benchmarks/hlo_report.py --devices=8,64 --job=mvlm                 # ViT-B/16 MVLM step
+    python benchmarks/hlo_report.py --devices=8 --job=mvlm                    # ViT-B/16 MVLM step, batch 64
+    python benchmarks/hlo_report.py --devices=64 --job=mvlm --batch=256       # (every kind splits over the devices)
     python benchmarks/hlo_report.py --devices=8 --tiny                        # seconds: the smoke-test size
 
 Each device count runs in its own process with `--xla_force_host_platform_device_count=N` (simulated CPU
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", default="8", help="comma-separated simulated device counts")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch", type=int, default=256, help="global batch")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: moco 256, mvlm the config's 64)")
     p.add_argument("--size", type=int, default=224, help="training view size")
     p.add_argument("--prepared_size", type=int, default=256, help="record size (device augmentation input)")
     p.add_argument("--queue", type=int, default=65536)
@@ -77,7 +78,7 @@ def moco_step(args, n):
 
     c = moco_patient.get_config()
     c.model.update(arch=args.arch, width=args.width, init="random")
-    c.batch_size, c.moco.queue_size = args.batch, args.queue
+    c.batch_size, c.moco.queue_size = args.batch or 256, args.queue
     c.augment.update(size=args.size, where=args.where)
     c.moco.shuffle_bn_groups = args.groups or n
     if args.tiny:
@@ -107,6 +108,9 @@ def mvlm_step(args, n):
     c = mvlm_mixed.get_config(args.mvlm_variant or None)
     if args.tiny:
         c = mvlm_mixed.get_config("demo")
+        c.batch_size = 4 * n  # 2n paired + n image-only + n text-only: every kind splits over the devices
+    if args.batch:
+        c.batch_size = args.batch
     return mvlm_train.abstract_step(c, n)
 
 

@@ -14,6 +14,15 @@ _user_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.envir
 os.environ["XLA_FLAGS"] = f"{_user_flags.strip()} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU devices, whatever else is installed
 
+# One persistent XLA compilation cache for the test process, its xdist sibling and every job the tests
+# start as a subprocess (they inherit the environment): the same demo-size steps are compiled by many
+# tests, and a cache hit loads the executable instead (same program bit for bit: the key is the HLO,
+# the flags and the device set). Kept between runs under the user's cache folder; set
+# JAX_COMPILATION_CACHE_DIR to move it, or to an empty string to compile everything afresh.
+_cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache_home / "cxrjax" / "jax-cache-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # skip the many tiny jits
+
 # Real public data lives beside the repo (../shared/data); a fresh clone may not have it.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -188,28 +188,41 @@ def tiny_config():
 COUNTS = {"paired": 4, "image": 2, "text": 2}
 
 
-def train_batch(seed=0):
-    """8 rows: 4 paired, 2 image-only, 2 text-only (the pipeline's layout)."""
+def train_batch(seed=0, counts=COUNTS):
+    """Kind-ordered rows: counts["paired"] paired, then image-only, then text-only (8 by default)."""
     r = np.random.default_rng(seed)
-    present_img = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
-    present_txt = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
-    labels = np.where(r.random((8, L)) < 0.3, r.integers(5, VOCAB, (8, L)), -1).astype(np.int32)
+    n_p, n_i, n_t = counts["paired"], counts["image"], counts["text"]
+    n = n_p + n_i + n_t
+    present_img = np.repeat([True, True, False], [n_p, n_i, n_t])
+    present_txt = np.repeat([True, False, True], [n_p, n_i, n_t])
+    labels = np.where(r.random((n, L)) < 0.3, r.integers(5, VOCAB, (n, L)), -1).astype(np.int32)
     return dict(
-        image=(r.integers(0, 256, (8, S, S, 1)) * present_img[:, None, None, None]).astype(np.uint8),
-        image_present=present_img, patch_mask=(r.random((8, N)) < 0.5) & present_img[:, None],
-        mask_scale=np.where(present_img, r.integers(0, 3, 8), -1).astype(np.int32),
-        text_ids=r.integers(5, VOCAB, (8, L)).astype(np.int32) * present_txt[:, None],
+        image=(r.integers(0, 256, (n, S, S, 1)) * present_img[:, None, None, None]).astype(np.uint8),
+        image_present=present_img, patch_mask=(r.random((n, N)) < 0.5) & present_img[:, None],
+        mask_scale=np.where(present_img, r.integers(0, 3, n), -1).astype(np.int32),
+        text_ids=r.integers(5, VOCAB, (n, L)).astype(np.int32) * present_txt[:, None],
         text_labels=np.where(present_txt[:, None], labels, -1).astype(np.int32),
-        text_valid=np.broadcast_to(present_txt[:, None], (8, L)).copy(), text_present=present_txt,
-        source=np.array([0, 0, 0, 0, 1, 1, 2, 2], np.int32), row=np.arange(8, dtype=np.int64),
+        text_valid=np.broadcast_to(present_txt[:, None], (n, L)).copy(), text_present=present_txt,
+        source=np.repeat(np.arange(3, dtype=np.int32), [n_p, n_i, n_t]), row=np.arange(n, dtype=np.int64),
     )
 
 
-def step_on(mesh, config, batch, steps=3):
-    setup = train_mvlm.build_training(config, mesh, VOCAB, total_steps=10, counts=COUNTS)
+def layout(x, counts, shards):
+    """Kind-ordered rows -> the global batch of a mesh with `shards` batch shards (the pipeline's layout:
+    one [paired, image, text] block per shard), by the library's `interleave` checked against hand-made
+    orders in test_the_global_batch_is_one_kind_ordered_block_per_batch_shard."""
+    from cxrjax.data import vl_pipeline as V
+
+    edges = np.cumsum([0] + [counts[k] for k in V.KINDS])
+    return V.interleave({k: {"x": x[edges[i] : edges[i + 1]]} for i, k in enumerate(V.KINDS)}, shards)["x"]
+
+
+def step_on(mesh, config, batch, steps=3, counts=COUNTS):
+    setup = train_mvlm.build_training(config, mesh, VOCAB, total_steps=10, counts=counts)
+    shards = train_mvlm.mesh_lib.batch_shards(mesh)
     state, losses = setup.state, []
     for _ in range(steps):
-        b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
+        b = {k: jax.device_put(layout(v, counts, shards), setup.batch_sharding) for k, v in batch.items()}
         state, m = setup.train_step(state, b)
         losses.append({k: float(v) for k, v in m.items()})
     return losses, jax.device_get(state.params)
@@ -217,17 +230,21 @@ def step_on(mesh, config, batch, steps=3):
 
 @pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_loss():
+    """The same global batch (8 paired, 8 image-only, 8 text-only) on 1 device, 8 devices and a
+    2 x 2 x 2 data/fsdp/model mesh: same losses, gradient norms and parameters after 3 steps."""
     config = tiny_config()
-    batch = train_batch()
+    config.batch_size = 24
+    counts = {"paired": 8, "image": 8, "text": 8}
+    batch = train_batch(counts=counts)
     one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
     eight = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     fsdp = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    l1, p1 = step_on(one, config, batch)
-    l8, p8 = step_on(eight, config, batch)
-    lf, pf = step_on(fsdp, config, batch)  # the annotations actually shard parameters over fsdp/model
+    l1, p1 = step_on(one, config, batch, counts=counts)
+    l8, p8 = step_on(eight, config, batch, counts=counts)
+    lf, pf = step_on(fsdp, config, batch, counts=counts)  # the annotations actually shard parameters over fsdp/model
     for other in (l8, lf):
         for a, b in zip(l1, other):
-            for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss", "mvm_loss_scale0", "mvm_loss_scale2"):
+            for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss", "mvm_loss_scale0", "mvm_loss_scale2", "grad_norm"):
                 assert a[k] == pytest.approx(b[k], rel=2e-5, abs=1e-6), k
     assert l1[2]["loss"] != l1[1]["loss"]  # real updates happened (the warmup's first lr is 0)
     for x, y, z in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(pf)):
@@ -388,35 +405,14 @@ def optax_apply(params, updates):
     return optax.apply_updates(params, updates)
 
 
-class _FakeDevice:
-    def __init__(self, process_index):
-        self.process_index = process_index
-
-
-class _FakeSharding:
-    """devices_indices_map of a batch split over 4 devices of 2 processes, in a given device order."""
-
-    def __init__(self, owners):
-        self.owners = owners  # owners[i]: process of the i-th quarter of the batch
-
-    def devices_indices_map(self, shape):
-        q = shape[0] // len(self.owners)
-        return {_FakeDevice(p): (slice(i * q, (i + 1) * q),) for i, p in enumerate(self.owners)}
-
-
-def test_paired_rows_of_a_multi_process_global_batch():
+def test_the_global_batch_is_one_kind_ordered_block_per_batch_shard():
     from cxrjax.data import vl_pipeline as V
 
     counts = {"paired": 4, "image": 2, "text": 2}
-    one = V.kind_rows(counts)
-    assert one["paired"].tolist() == [0, 1, 2, 3] and one["text"].tolist() == [6, 7]
-    # two processes: each local batch is [paired, paired, image, text]
-    two = V.kind_rows(counts, _FakeSharding([0, 0, 1, 1]))
+    assert V.shard_slices(counts, 1) == {"paired": (0, 4), "image": (4, 6), "text": (6, 8)}
+    assert V.shard_slices(counts, 2) == {"paired": (0, 2), "image": (2, 3), "text": (3, 4)}
+    two = V.kind_rows(counts, 2)
     assert two["paired"].tolist() == [0, 1, 4, 5] and two["image"].tolist() == [2, 6] and two["text"].tolist() == [3, 7]
-    # a device order that interleaves the processes' rows
-    mixed = V.kind_rows(counts, _FakeSharding([0, 1, 0, 1]))
-    assert mixed["paired"].tolist() == [0, 1, 2, 3] and mixed["image"].tolist() == [4, 6] and mixed["text"].tolist() == [5, 7]
-    eight = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = V.kind_rows(counts, jax.sharding.NamedSharding(eight, P("data")))  # one process, 8 devices
-    assert sharded["paired"].tolist() == [0, 1, 2, 3]
-    assert train_mvlm.contiguous_runs([0, 1, 4, 5]) == [(0, 2), (4, 6)]
+    assert layout(np.arange(8), counts, 2).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]  # kind-ordered rows, regrouped
+    with pytest.raises(ValueError, match="2 image examples per batch do not split over the 4 batch shards"):
+        V.shard_slices(counts, 4)

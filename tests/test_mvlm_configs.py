@@ -76,7 +76,8 @@ def test_config_trains_a_step_at_its_own_resolution(name, variant, phantom, tmp_
     c.model.width, c.model.depth = 4 * heads, 2  # head dim 4; heads, grid, stem, dtype unchanged
     c.data.dir = phantom
     c.data.num_workers = 0
-    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 1, 1, 1  # 8: the test devices
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 1, 1, 1
+    c.mesh.update(data=2, model=4)  # the 8 test devices; every kind of the mixed batch (4/2/2) splits over 2 shards
     c.text.update(vocab_size=200, max_len=32)
     work = tmp_path / "run"
     mvlm.train_and_evaluate(c, str(work))

@@ -1,10 +1,10 @@
 """The image-report contrastive loss over several processes: 2 processes (jax.distributed, gloo) give the
 same losses, gradient norms and parameters as 1 process on the same global batch.
 
-With several processes the global batch is the processes' local batches side by side, each local
-batch being [paired, image, text]: the paired rows of process 1 sit after process 0's image and text
-rows. Taking the first B_paired rows (as the step once did) mixes image-only rows into the
-contrastive loss and drops process 1's pairs.
+With several processes the global batch is the processes' local batches side by side, each block of a
+batch shard being [paired, image, text]: the paired rows of process 1 sit after process 0's image and
+text rows. Taking the first B_paired rows (as the step once did) mixes image-only rows into the
+contrastive loss and drops process 1's pairs; the step gathers every shard's paired embeddings.
 
 Run as a script, this file is one worker: `python tests/test_mvlm_multiprocess.py PROCESS_ID
 NUM_PROCESSES PORT OUT.json` (the test starts them).
@@ -25,12 +25,16 @@ STEPS = 3
 KEYS = ("loss", "itc_loss", "itc_acc", "mlm_loss", "mvm_loss", "grad_norm")
 
 
+SHARDS = 2  # both runs: 2 devices, one batch shard each
+
+
 def local_rows(process_id: int, num_processes: int) -> np.ndarray:
     """Rows of test_mvlm.train_batch (4 paired, 2 image, 2 text) that one process holds, in its local
-    [paired, image, text] order."""
+    order: one [paired, image, text] block per batch shard it owns (vl_pipeline.shard_slices)."""
     paired, image, text = np.arange(4), np.arange(4, 6), np.arange(6, 8)
-    split = lambda rows: np.array_split(rows, num_processes)[process_id]
-    return np.concatenate([split(paired), split(image), split(text)])
+    blocks = [np.concatenate([np.split(k, SHARDS)[j] for k in (paired, image, text)]) for j in range(SHARDS)]
+    mine = np.split(np.arange(SHARDS), num_processes)[process_id]
+    return np.concatenate([blocks[j] for j in mine])
 
 
 def worker(process_id: int, num_processes: int, port: int, out: str) -> None:
@@ -88,6 +92,7 @@ def _run(num_processes: int, devices_per_process: int, out: Path) -> dict:
 def test_two_processes_give_the_contrastive_loss_of_one(tmp_path):
     assert sorted(np.concatenate([local_rows(i, 2) for i in range(2)]).tolist()) == list(range(8))
     assert local_rows(1, 2).tolist() == [2, 3, 5, 7]  # process 1 holds paired rows 2, 3 of the batch
+    assert local_rows(0, 1).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]  # one process: both blocks
     one = _run(1, 2, tmp_path / "one.json")  # 1 process x 2 devices
     two = _run(2, 1, tmp_path / "two.json")  # 2 processes x 1 device
     assert (one["processes"], two["processes"], one["devices"], two["devices"]) == (1, 2, 2, 2)

@@ -59,11 +59,13 @@ def phantom(tmp_path_factory):
     return str(d)
 
 
-def vl_config(data_dir, shares=(("paired", 0.5), ("image", 0.25), ("text", 0.25)), fraction=0.5, batch=8):
+def vl_config(data_dir, shares=(("paired", 0.5), ("image", 0.25), ("text", 0.25)), fraction=0.5, batch=8,
+              shards=1, process=(0, 1)):
     pc = pipeline.PipelineConfig(data_dir=data_dir, batch_size=batch, seed=3, mode="eval", num_workers=0,
-                                 augment=augment_lib.AugmentConfig(size=32), process_index=0, process_count=1)
+                                 augment=augment_lib.AugmentConfig(size=32), process_index=process[0],
+                                 process_count=process[1])
     return V.VLConfig(pipeline=pc, shares=shares, paired_fraction=fraction, max_len=24, patch=8,
-                      mask=V.MaskConfig(scales=(1, 2)))
+                      mask=V.MaskConfig(scales=(1, 2)), batch_shards=shards)
 
 
 def test_mixed_batches_have_fixed_shares_and_static_slots(phantom):
@@ -80,6 +82,25 @@ def test_mixed_batches_have_fixed_shares_and_static_slots(phantom):
         assert not b["text_valid"][4:6].any() and (b["text_labels"][4:6] == -1).all()
         assert (b["patch_mask"][:6].sum(1) == 8).all()  # 50 % of the 4x4 grid, at both scales
         assert ((b["text_labels"] >= 0) <= b["text_valid"]).all()
+
+
+def test_each_batch_shard_holds_its_share_of_every_kind(phantom):
+    """With 4 batch shards the batch is 4 blocks of [2 paired, 1 image, 1 text] (the step takes a kind
+    with a local slice); the examples are those of the 1-shard batch, regrouped. Two processes with 2
+    shards each: process p's batch is blocks 2p, 2p+1 of the same global layout."""
+    tok = T.train_tokenizer(V.tokenizer_corpus(vl_config(phantom)), 300)
+    batch = lambda cfg: next(V.make_vl_dataset(cfg, tok).__iter__())
+    one, four = batch(vl_config(phantom, batch=16)), batch(vl_config(phantom, batch=16, shards=4))
+    np.testing.assert_array_equal(four["source"], [0, 0, 1, 2] * 4)
+    assert V.kind_rows({"paired": 8, "image": 4, "text": 4}, 4)["paired"].tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
+    order = np.array([0, 1, 8, 12, 2, 3, 9, 13, 4, 5, 10, 14, 6, 7, 11, 15])  # 1-shard row of each 4-shard row
+    for k in ("row", "source", "image", "patch_mask", "text_ids", "text_labels"):
+        np.testing.assert_array_equal(four[k], one[k][order], err_msg=k)
+    halves = [batch(vl_config(phantom, batch=16, shards=4, process=(p, 2))) for p in range(2)]
+    for h in halves:
+        np.testing.assert_array_equal(h["source"], [0, 0, 1, 2] * 2)
+    with pytest.raises(ValueError, match="4 image examples per batch do not split over the 8 batch shards"):
+        vl_config(phantom, batch=16, shards=8)
 
 
 def test_unpaired_streams_come_from_other_patients(phantom):

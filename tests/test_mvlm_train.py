@@ -33,6 +33,9 @@ def tiny_config(data_dir):
     c.mask.scales = (1, 2)
     c.text.update(vocab_size=300, max_len=24)
     c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 4, 1, 2
+    # 8 devices as 2 batch shards x 4-way tensor parallelism: the 4 paired + 2 image + 2 text rows split
+    # over the batch shards (every kind over every shard), and the job runs on a model axis end to end
+    c.mesh.update(data=2, model=4)
     c.eval.batch_size = 16
     return c
 

@@ -17,9 +17,9 @@ text-only streams (the model never sees them together). With `text_source='repor
 stream is `reports.parquet` instead (e.g. OpenI reports from another institution: "images from A,
 reports from B").
 
-A batch (global, after the device iterator); B = sum of the per-source counts. Each process's local
-batch is [paired, image, text]; the global batch is the processes' local batches side by side, so with
-several processes the paired rows are NOT the first B_paired rows (`kind_rows` says where they are):
+A batch (global, after the device iterator); B = sum of the per-source counts. The global batch is one
+block per batch shard of the mesh, each block [paired, image, text] (`shard_slices`), so every device
+holds its share of every kind and the paired rows are NOT the first B_paired rows (`kind_rows`):
     image (B, S, S, 1) uint8, or uint16 for 16-bit records (zeros when absent); normalised on the device
     by the dtype's full scale (`models.mvlm.normalize`)
                                                     image_present (B,) bool
@@ -95,6 +95,7 @@ class VLConfig:
     max_len: int = 128
     patch: int = 16
     mask: MaskConfig = MaskConfig()
+    batch_shards: int = 1  # the mesh's batch shards (data x fsdp): the layout of `shard_slices`
 
     def __post_init__(self):
         shares = dict(self.shares)
@@ -130,9 +131,9 @@ class VLConfig:
         if sum(out.values()) != b:
             raise ValueError(f"data.shares {dict(self.shares)} give {sum(out.values())} examples, not batch_size {b}")
         _, count = self.pipeline.layout()
-        for kind, n in out.items():
-            if n % count:
-                raise ValueError(f"{n} {kind} examples per batch do not split over {count} processes")
+        if self.batch_shards % count:
+            raise ValueError(f"{self.batch_shards} batch shards do not split over {count} processes")
+        shard_slices(out, self.batch_shards)  # every kind splits over the batch shards, or a one-line error
         return out
 
     @property
@@ -140,31 +141,42 @@ class VLConfig:
         return self.pipeline.augment.size // self.patch
 
 
-def kind_rows(counts: dict[str, int], sharding=None) -> dict[str, np.ndarray]:
-    """Rows of the GLOBAL batch that hold each kind of example.
+def shard_slices(counts: dict[str, int], shards: int) -> dict[str, tuple[int, int]]:
+    """(start, stop) of each kind inside every batch shard's block of the global batch.
 
-    Every process's local batch is [paired, image, text] (counts[kind] / processes of each, KINDS
-    order); `jax.make_array_from_process_local_data` puts a process's local rows, in order, on the
-    rows its devices hold under `sharding` (the batch sharding of the step). sharding=None: one
-    process, local = global."""
-    b = sum(counts.values())
-    if sharding is None:
-        owned = [np.arange(b)]
-    else:
-        by_process: dict[int, set] = {}
-        for device, index in sharding.devices_indices_map((b,)).items():
-            by_process.setdefault(device.process_index, set()).update(range(*index[0].indices(b)))
-        owned = [np.array(sorted(by_process[p]), np.int64) for p in sorted(by_process)]
-    out = {k: [] for k in KINDS if k in counts}
-    for rows in owned:
-        if len(rows) * len(owned) != b:
-            raise ValueError(f"the batch sharding gives processes unequal shares of the {b} rows")
-        start = 0
-        for kind in out:
-            n = counts[kind] // len(owned)
-            out[kind].append(rows[start : start + n])
+    The global batch is `shards` equal blocks, one per batch shard of the mesh (contiguous rows, as
+    the batch sharding lays them out), each [paired, image, text] with counts[kind] / shards of each
+    kind. So every device holds its share of every kind: the step takes a kind with a local slice and
+    each encoder pass runs on 1/shards of its rows per device, whatever the device or process order."""
+    out, start = {}, 0
+    for kind in KINDS:
+        if counts.get(kind):
+            if counts[kind] % shards:
+                raise ValueError(f"{counts[kind]} {kind} examples per batch do not split over the {shards} batch "
+                                 f"shards of the mesh; make every kind's share x batch_size a multiple of {shards} "
+                                 f"(--config.batch_size)")
+            n = counts[kind] // shards
+            out[kind] = (start, start + n)
             start += n
-    return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+    return out
+
+
+def kind_rows(counts: dict[str, int], shards: int = 1) -> dict[str, np.ndarray]:
+    """Rows of the GLOBAL batch that hold each kind (the layout of `shard_slices`)."""
+    per_shard = sum(counts.values()) // shards
+    return {k: np.concatenate([s * per_shard + np.arange(a, b) for s in range(shards)]).astype(np.int64)
+            for k, (a, b) in shard_slices(counts, shards).items()}
+
+
+def interleave(batches: dict[str, dict], local_shards: int) -> dict:
+    """This process's per-kind batches -> its local batch: `local_shards` blocks of [paired, image, text]
+    (its part of the global layout of `shard_slices`; the process's devices take the blocks in order)."""
+    kinds = [k for k in KINDS if k in batches]
+    out = {}
+    for key in batches[kinds[0]]:
+        split = {kind: np.split(batches[kind][key], local_shards) for kind in kinds}
+        out[key] = np.concatenate([split[kind][j] for j in range(local_shards) for kind in kinds])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,8 +350,13 @@ class _ById:
         return self.transform((item[0], int(self.ids[item[1]])))
 
 
-def _concat(batches: tuple[dict, ...]) -> dict:
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+@dataclasses.dataclass(frozen=True)
+class _Interleave:
+    kinds: tuple[str, ...]
+    local_shards: int
+
+    def __call__(self, batches: tuple[dict, ...]) -> dict:
+        return interleave(dict(zip(self.kinds, batches)), self.local_shards)
 
 
 def make_vl_dataset(cfg: VLConfig, tokenizer, data: pipeline.PreparedData | None = None) -> grain.IterDataset:
@@ -369,7 +386,7 @@ def make_vl_dataset(cfg: VLConfig, tokenizer, data: pipeline.PreparedData | None
         ds = _stream(ids, pc, SOURCE_CODE[kind], example).filter(pipeline._is_good).map(VLSlots(cfg, tokenizer, kind, dtype))
         streams.append(ds.to_iter_dataset(grain.ReadOptions(num_threads=pc.read_threads, prefetch_buffer_size=2 * n))
                        .batch(n // count, drop_remainder=True))
-    it = grain.experimental.ZipIterDataset(streams).map(_concat)
+    it = grain.experimental.ZipIterDataset(streams).map(_Interleave(tuple(cfg.counts()), cfg.batch_shards // count))
     if pc.workers() > 0:
         pipeline._absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pc.workers(),
@@ -421,8 +438,9 @@ def load_eval_split(data_dir: str | Path, split: str, augment: augment_lib.Augme
     return out
 
 
-def config_from_dict(config, data_dir: str) -> VLConfig:
-    """The VLConfig of an ml_collections job config (sections data, augment, model, mask)."""
+def config_from_dict(config, data_dir: str, batch_shards: int = 1) -> VLConfig:
+    """The VLConfig of an ml_collections job config (sections data, augment, model, mask); batch_shards:
+    the mesh's (`train.mesh.batch_shards`)."""
     d = config.data
     pc = pipeline.PipelineConfig(
         data_dir=data_dir, name=d.name, split=d.split, mode="eval", batch_size=config.batch_size, seed=config.seed,
@@ -432,6 +450,6 @@ def config_from_dict(config, data_dir: str) -> VLConfig:
     return VLConfig(
         pipeline=pc, shares=tuple((k, float(v)) for k, v in dict(d.shares).items()),
         paired_fraction=d.paired_fraction, text_source=d.text_source, max_len=config.text.max_len,
-        patch=config.model.patch,
+        patch=config.model.patch, batch_shards=batch_shards,
         mask=MaskConfig(image_ratio=m.image_ratio, scales=tuple(int(s) for s in m.scales), text_prob=m.text_prob,
                         text_mask_frac=m.text_mask_frac, text_random_frac=m.text_random_frac))

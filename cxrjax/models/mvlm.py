@@ -170,29 +170,48 @@ def patch_targets(image: jax.Array, patch: int, norm_pix: bool = True) -> jax.Ar
     return x
 
 
-def mvm_loss(pred, target, patch_mask, image_present, mask_scale, num_scales: int):
-    """MSE over the masked patches of present images only; per-scale losses as metrics.
-
-    pred/target (B,N,P); patch_mask (B,N); mask_scale (B,) index of the block scale (-1: no image)."""
+def mvm_sums(pred, target, patch_mask, image_present, mask_scale, num_scales: int) -> dict:
+    """The sums behind `mvm_loss` (squared error and count over the masked patches of present images,
+    in total and per scale): summed over batch shards, they give the global batch's loss exactly."""
     err = ((pred - target) ** 2).mean(-1)  # (B,N)
     w = (patch_mask & image_present[:, None]).astype(jnp.float32)
-    loss = (err * w).sum() / jnp.maximum(w.sum(), 1.0)
-    metrics = {}
+    out = {"mvm_err": (err * w).sum(), "mvm_n": w.sum()}
     for s in range(num_scales):
         ws = w * (mask_scale == s)[:, None]
-        metrics[f"mvm_loss_scale{s}"] = (err * ws).sum() / jnp.maximum(ws.sum(), 1.0)
+        out[f"mvm_err{s}"], out[f"mvm_n{s}"] = (err * ws).sum(), ws.sum()
+    return out
+
+
+def mvm_from_sums(sums: dict, num_scales: int):
+    loss = sums["mvm_err"] / jnp.maximum(sums["mvm_n"], 1.0)
+    metrics = {f"mvm_loss_scale{s}": sums[f"mvm_err{s}"] / jnp.maximum(sums[f"mvm_n{s}"], 1.0) for s in range(num_scales)}
     metrics["mvm_loss"] = loss
     return loss, metrics
 
 
-def mlm_loss(logits, labels):
-    """Cross-entropy over the MLM targets (labels >= 0) and their accuracy."""
+def mvm_loss(pred, target, patch_mask, image_present, mask_scale, num_scales: int):
+    """MSE over the masked patches of present images only; per-scale losses as metrics.
+
+    pred/target (B,N,P); patch_mask (B,N); mask_scale (B,) index of the block scale (-1: no image)."""
+    return mvm_from_sums(mvm_sums(pred, target, patch_mask, image_present, mask_scale, num_scales), num_scales)
+
+
+def mlm_sums(logits, labels) -> dict:
+    """The sums behind `mlm_loss`: cross-entropy, correct predictions and count over the targets."""
     w = (labels >= 0).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-    n = jnp.maximum(w.sum(), 1.0)
-    acc = ((logits.argmax(-1) == labels) * w).sum() / n
-    loss = (ce * w).sum() / n
-    return loss, {"mlm_loss": loss, "mlm_acc": acc}
+    return {"mlm_ce": (ce * w).sum(), "mlm_correct": ((logits.argmax(-1) == labels) * w).sum(), "mlm_n": w.sum()}
+
+
+def mlm_from_sums(sums: dict):
+    n = jnp.maximum(sums["mlm_n"], 1.0)
+    loss = sums["mlm_ce"] / n
+    return loss, {"mlm_loss": loss, "mlm_acc": sums["mlm_correct"] / n}
+
+
+def mlm_loss(logits, labels):
+    """Cross-entropy over the MLM targets (labels >= 0) and their accuracy."""
+    return mlm_from_sums(mlm_sums(logits, labels))
 
 
 def itc_loss(image_emb, text_emb, logit_scale, valid):

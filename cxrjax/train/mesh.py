@@ -114,6 +114,11 @@ def batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
+def batch_shards(mesh) -> int:
+    """How many parts the batch is split into: the product of the mesh's batch axes."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_spec() -> P:
     return P(BATCH_AXES)
 

@@ -188,74 +188,114 @@ def optimizer(config, total_steps: int):
     return tx, schedule
 
 
-def make_train_step(config, graphdef, tx, schedule, rows: dict[str, np.ndarray]):
-    """The pure step. `rows`: the global batch rows of each kind (`vl_pipeline.kind_rows`: every process's
-    block of the global batch is [paired, image, text], so with several processes a kind's rows are not
-    contiguous); taken as static slices, no gather. Three encoder passes, each holding only the tokens
-    its rows have (an absent modality would get no attention anyway: same states, fewer FLOPs):
+def make_train_step(config, graphdef, tx, schedule, counts: dict[str, int], mesh=None, param_sharding=None):
+    """The pure step. The global batch is one block per batch shard, each [paired, image, text]
+    (`vl_pipeline.shard_slices`). Three encoder passes, each holding only the tokens its rows have (an
+    absent modality would get no attention anyway: same states, fewer FLOPs):
 
         joint       paired rows: masked image + MLM-corrupted report        -> MVM + MLM
         image-only  image rows (masked) + the paired rows' clean images      -> MVM; ITC image side
         text-only   text rows (corrupted) + the paired rows' clean reports   -> MLM; ITC text side
-    """
+
+    How it splits over devices: the passes run under `jax.vmap` over the batch shards, on one replica
+    of the parameters per shard (a broadcast pinned to the batch axes; dimensions split over `model`
+    stay split). So each device runs every pass on its own rows (a kind is a local slice, never
+    re-spread), each replica's gradient sums its three passes locally, and the gradient crosses the
+    devices ONCE, as the transpose of the broadcast (one all-reduce per parameter, where taking the
+    passes' parameter gradients from one shared copy reduces each pass separately: 3x the bytes). The
+    losses are global: per-shard sums of errors and counts are added before dividing, and the ITC loss
+    takes every shard's paired embeddings (a small all-gather).
+    With fsdp > 1 the replicas hold whole parameters (gathered once per step, not per layer)."""
     w = config.loss
     patch, norm_pix, num_scales = config.model.patch, config.model.norm_pix, len(config.mask.scales)
-    runs = {k: contiguous_runs(r) for k, r in rows.items() if len(r)}
-    n_paired = len(rows.get("paired", ()))
+    axes = mesh_lib.batch_axes(mesh) if mesh is not None else ()
+    shards = mesh_lib.batch_shards(mesh) if mesh is not None else 1
+    slices = vl_pipeline.shard_slices(counts, shards)
+    n_paired = counts.get("paired", 0)
     itc = w.itc > 0 and n_paired > 1
 
+    def replica_sharding(sh):  # a parameter's sharding with a leading axis over the batch shards
+        drop = lambda e: (None if e is None else (tuple(a for a in ((e,) if isinstance(e, str) else e) if a not in axes)
+                                                  or None))
+        return NamedSharding(mesh, P(axes or None, *(drop(e) for e in sh.spec)))
+
+    def replicate(params):
+        if mesh is None:
+            return jax.tree.map(lambda x: x[None], params)
+        return jax.tree.map(lambda x, sh: jax.lax.with_sharding_constraint(jnp.broadcast_to(x, (shards, *x.shape)),
+                                                                           replica_sharding(sh)), params, param_sharding)
+
+    def per_shard(batch):  # (B, ...) -> (shards, B / shards, ...): a layout change, each block stays put
+        out = {k: x.reshape(shards, x.shape[0] // shards, *x.shape[1:]) for k, x in batch.items()}
+        if mesh is not None:
+            out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(axes or None)))
+        return out
+
     def take(batch, kind):
-        r = runs[kind]
-        return {k: (jnp.concatenate([x[a:b] for a, b in r]) if len(r) > 1 else x[r[0][0] : r[0][1]])
-                for k, x in batch.items()}
+        a, b = slices[kind]
+        return {k: x[a:b] for k, x in batch.items()}
 
     def cat(*xs):
         return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
 
-    def loss_fn(params, batch):
+    def shard_terms(params, batch):
+        """One batch shard: the three passes -> loss sums (MVM, MLM) and the paired rows' ITC embeddings."""
         model = nnx.merge(graphdef, params)
         batch = dict(batch, text_valid=batch["text_valid"] & batch["text_present"][:, None])
         mvm_rows, mvm_states, mlm_labels, mlm_states = [], [], [], []
-        if "paired" in runs:
+        if "paired" in slices:
             p = take(batch, "paired")
             img, txt = model(p["image"], p["image_present"], p["patch_mask"], p["text_ids"], p["text_valid"])
             mvm_rows.append(p), mvm_states.append(img), mlm_labels.append(p["text_labels"]), mlm_states.append(txt)
+        n_p = slices["paired"][1] - slices["paired"][0] if "paired" in slices else 0
         # image-only pass: the image rows, then (ITC) the paired rows' images unmasked
-        image_in = [take(batch, "image")] if "image" in runs else []
+        image_in = [take(batch, "image")] if "image" in slices else []
         if itc:
             image_in.append(dict(p, patch_mask=jnp.zeros_like(p["patch_mask"])))
+        out = {}
         if image_in:
             states, _ = model(cat(*(x["image"] for x in image_in)), cat(*(x["image_present"] for x in image_in)),
                               cat(*(x["patch_mask"] for x in image_in)), None, None)
-            if "image" in runs:
-                mvm_rows.append(image_in[0]), mvm_states.append(states[: len(rows["image"])])
-            clean_image = states[len(states) - n_paired :] if itc else None
+            if "image" in slices:
+                mvm_rows.append(image_in[0]), mvm_states.append(states[: len(image_in[0]["image"])])
+            if itc:
+                out["itc_image"] = model.image_proj(mvlm.pool_image(states[len(states) - n_p :]))
         # text-only pass: the text rows, then (ITC) the paired rows' reports without the MLM corruption
-        text_in = [take(batch, "text")] if "text" in runs else []
+        text_in = [take(batch, "text")] if "text" in slices else []
         if itc:
             text_in.append(dict(p, text_ids=jnp.where(p["text_labels"] >= 0, p["text_labels"], p["text_ids"])))
         if text_in:
             _, states = model(None, None, None, cat(*(x["text_ids"] for x in text_in)),
                               cat(*(x["text_valid"] for x in text_in)))
-            if "text" in runs:
-                mlm_labels.append(text_in[0]["text_labels"]), mlm_states.append(states[: len(rows["text"])])
-            clean_text = states[len(states) - n_paired :] if itc else None
-
-        total, metrics = 0.0, {}
+            if "text" in slices:
+                mlm_labels.append(text_in[0]["text_labels"]), mlm_states.append(states[: len(text_in[0]["text_ids"])])
+            if itc:
+                out["itc_text"] = model.text_proj(mvlm.pool_text(states[len(states) - n_p :], p["text_valid"]))
+                out["itc_valid"] = p["source"] == 0
         if mvm_rows:
-            l_mvm, m = mvlm.mvm_loss(model.regenerate(cat(*mvm_states)), patch_targets(cat(*(x["image"] for x in mvm_rows))),
+            out.update(mvlm.mvm_sums(model.regenerate(cat(*mvm_states)), patch_targets(cat(*(x["image"] for x in mvm_rows))),
                                      cat(*(x["patch_mask"] for x in mvm_rows)), cat(*(x["image_present"] for x in mvm_rows)),
-                                     cat(*(x["mask_scale"] for x in mvm_rows)), num_scales)
+                                     cat(*(x["mask_scale"] for x in mvm_rows)), num_scales))
+        if mlm_states:
+            out.update(mvlm.mlm_sums(model.mlm_logits(cat(*mlm_states)), cat(*mlm_labels)))
+        return out
+
+    def loss_fn(params, batch):
+        terms = jax.vmap(shard_terms, spmd_axis_name=axes or None)(replicate(params), per_shard(batch))
+        sums = {k: v.sum(0) for k, v in terms.items() if not k.startswith("itc_")}
+        total, metrics = 0.0, {}
+        if "mvm_n" in sums:
+            l_mvm, m = mvlm.mvm_from_sums(sums, num_scales)
             metrics.update(m)
             total = total + w.mvm * l_mvm
-        if mlm_states:
-            l_mlm, m = mvlm.mlm_loss(model.mlm_logits(cat(*mlm_states)), cat(*mlm_labels))
+        if "mlm_n" in sums:
+            l_mlm, m = mvlm.mlm_from_sums(sums)
             metrics.update(m)
             total = total + w.mlm * l_mlm
         if itc:
-            img = model.image_proj(mvlm.pool_image(clean_image))
-            txt = model.text_proj(mvlm.pool_text(clean_text, p["text_valid"]))
-            l_itc, m = mvlm.itc_loss(img, txt, model.logit_scale[...], p["source"] == 0)
+            flat = lambda x: x.reshape(-1, *x.shape[2:])  # every shard's paired rows, in global order
+            l_itc, m = mvlm.itc_loss(flat(terms["itc_image"]), flat(terms["itc_text"]),
+                                     nnx.merge(graphdef, params).logit_scale[...], flat(terms["itc_valid"]))
             metrics.update(m)
             total = total + w.itc * l_itc
         metrics["loss"] = total
@@ -286,18 +326,6 @@ class Training:
     state_sharding: TrainState
     batch_sharding: NamedSharding
     train_step: object
-
-
-def contiguous_runs(rows) -> list[tuple[int, int]]:
-    """Sorted row indices -> [(start, stop), ...] of their contiguous runs."""
-    rows = [int(r) for r in rows]
-    runs = []
-    for r in rows:
-        if runs and r == runs[-1][1]:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs or [(0, 0)]
 
 
 def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict[str, int],
@@ -342,7 +370,7 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding)
     state = state if materialize else abstract
     batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
-    step_fn = make_train_step(config, graphdef, tx, schedule, vl_pipeline.kind_rows(counts, batch_sharding))
+    step_fn = make_train_step(config, graphdef, tx, schedule, counts, mesh, p_sharding)
     train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
     return Training(graphdef, state, abstract, state_sharding, batch_sharding, train_step)
@@ -400,7 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     note("Creating input pipeline and tokenizer ...")
     data_dir = contrastive.prepared_data_dir(config, note)
-    vl_cfg = vl_pipeline.config_from_dict(config, data_dir)
+    vl_cfg = vl_pipeline.config_from_dict(config, data_dir, mesh_lib.batch_shards(mesh))
     counts = vl_cfg.counts()
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_or_train_tokenizer(config, vl_cfg, workdir, note)
