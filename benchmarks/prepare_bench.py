@@ -2,9 +2,11 @@
 
     python benchmarks/prepare_bench.py [--images=2000] [--size=256] [--workers=0]
     python benchmarks/prepare_bench.py --pixels_only --images=600    # (c) alone
+    python benchmarks/prepare_bench.py --records_only --images=223414 --size=64   # (a) at CheXpert scale
 
-(a) Record writing: the phantom generator renders --images images, and cxrjax writes them as sharded
-    ArrayRecord/TFDS records with all cores. Rendering is part of the measured time, so the figure is
+(a) Record writing: the phantom generator renders --images images (its CheXpert-shaped table, 3.48
+    images per patient: --images=223414 is CheXpert's train table in size), and cxrjax writes them as
+    sharded ArrayRecord/TFDS records with all cores; peak RSS of this process and of its workers. Rendering is part of the measured time, so the figure is
     a lower bound on file-based sources: decode+resize+PNG+serialize is also measured alone on the
     real COVID-19 images when ../shared/data is present.
 (b) Pair index: every MedAug strategy on a 224k-row CheXpert-shaped table. The real CheXpert train.csv
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -30,19 +33,23 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def bench_records(n_images: int, size: int, workers: int) -> None:
+def bench_records(n_images: int, size: int, workers: int, shared: bool = True) -> None:
     from cxrjax import prepare
 
-    patients = max(1, n_images // 3)  # the phantom makes ~3 images per patient
+    patients = max(1, round(n_images / 3.48))  # the phantom makes 3.48 images per patient (CheXpert's shape)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         m = prepare.prepare_dataset("phantom", d, patients=patients, size=size, workers=workers, strategies=["instance"])
         dt = time.perf_counter() - t
         n = m["counts"]["images"]
+        # ru_maxrss is KiB on Linux; RUSAGE_CHILDREN is the largest finished worker
+        rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"records  phantom  {n} images at {size}px, workers={workers or os.cpu_count()}: "
               f"{m['timings']['records_s']:.1f} s -> {n / m['timings']['records_s']:.0f} images/s "
-              f"(whole prepare {dt:.1f} s, {m['records']['bytes'] / n / 1024:.1f} KiB/image)")
-        if (SHARED / "covid-chestxray").is_dir():
+              f"(whole prepare {dt:.1f} s -> {n / dt:.0f} images/s, {m['records']['bytes'] / n / 1024:.1f} KiB/image); "
+              f"peak RSS {rss_self:.0f} MiB (main process), {rss_child:.0f} MiB (largest worker)")
+        if shared and (SHARED / "covid-chestxray").is_dir():
             shutil.rmtree(d, ignore_errors=True)
             m = prepare.prepare_dataset("shared", d, src=SHARED, size=size, workers=workers, strategies=["instance"])
             n = m["counts"]["images"]
@@ -128,7 +135,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--skip_records", action="store_true")
     ap.add_argument("--pixels_only", action="store_true", help="run (c) only")
+    ap.add_argument("--records_only", action="store_true", help="run (a) only, on the phantom")
     args = ap.parse_args()
+    if args.records_only:
+        bench_records(args.images, args.size, args.workers, shared=False)
+        return
     if args.pixels_only:
         bench_pixels(args.images, args.size, args.workers)
         return

@@ -98,19 +98,22 @@ def run(cmd: list[str], args, log: Path) -> float:
     return time.time() - t0
 
 
-def prepare(args, out: Path) -> Path:
+def prepare(args, out: Path) -> tuple[Path, float]:
     if args.data_dir:
-        return Path(args.data_dir).resolve()
+        return Path(args.data_dir).resolve(), 0.0
     data = out / "data"
     cmd = [sys.executable, "-m", "cxrjax.prepare", f"--source={args.source}", f"--out={data}", "--size=64"]
     cmd += [f"--patients={args.patients}"] if args.source == "phantom" else [f"--src={args.src}"]
-    if not (data / "manifest.json").is_file():
-        run(cmd, args, out / "logs" / "prepare.log")
-    return data
+    if (data / "manifest.json").is_file():
+        return data, 0.0
+    return data, run(cmd, args, out / "logs" / "prepare.log")
 
 
 def pretrain(args, strategy: str, seed: int, data: Path, out: Path) -> tuple[Path, float]:
     workdir = out / "pretrain" / f"{strategy}-seed{seed}"
+    if (workdir / "checkpoints" / str(args.steps)).is_dir() and not args.dry_run:
+        print(f"  {workdir} holds step {args.steps}; skipped", flush=True)
+        return workdir, 0.0
     config = "configs/moco_instance.py:demo" if strategy == "instance" else f"configs/moco_medaug.py:{strategy},demo"
     cmd = [sys.executable, "-m", "cxrjax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.data.dir={data}", f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.steps}",
@@ -176,6 +179,10 @@ def markdown(df: pd.DataFrame, reference: str) -> str:
     lines = []
     for (task, fraction), g in df.groupby(["task", "fraction"], sort=False):
         g0 = g.iloc[0]
+        if g0.test_positives in (0, g0.test_images):  # one class: AUC is undefined, not a number to print
+            lines += ["", f"**{task}, {fraction:.0%}**: left out -- the test split holds {g0.test_images} images, "
+                          f"{g0.test_positives} positive (one class: AUC undefined)."]
+            continue
         lines += ["", f"**{task}, {fraction:.0%} of the training patients' labels** (test: {g0.test_images} images, "
                       f"{g0.test_positives} positive, {g0.test_patients} patients)", "",
                   f"| pre-training | AUC | SD seeds | SD label draws | 95% CI (seeds x patients) | Δ vs "
@@ -194,7 +201,10 @@ def figure(df: pd.DataFrame, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = df[(df.test_positives > 0) & (df.test_positives < df.test_images)]  # AUC defined (see markdown)
     tasks = list(dict.fromkeys(df.task))
+    if not tasks:
+        return
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, (m, g) in enumerate(df[df.task == task].groupby("method", sort=False)):
@@ -216,15 +226,16 @@ def main(argv=None) -> None:
     out = Path(args.out).resolve()
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     strategies = [s for s in args.strategies.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     unknown = [s for s in strategies if s not in STRATEGIES and not s.startswith("study-")]
     if unknown:
         raise SystemExit(f"medaug_sweep: unknown strategies {unknown}; MedAug's are {', '.join(STRATEGIES)}")
 
-    data = prepare(args, out)
-    walls: dict[str, float] = {}
+    data, prepare_s = prepare(args, out)
+    # a re-run (e.g. to redraw the figure) skips finished stages: their times come from the first run
+    previous = json.loads((out / "sweep.json").read_text()).get("wall_s", {}) if (out / "sweep.json").is_file() else {}
+    walls: dict[str, float] = {"prepare": prepare_s}
     checkpoints: dict[str, list[str]] = {}
     for s in strategies:
         for seed in seeds:
@@ -247,14 +258,16 @@ def main(argv=None) -> None:
     methods["random"] = [f"random-seed{s}" for s in seeds]
     methods["pixels"] = ["pixels"]
     reference = "instance" if "instance" in methods else strategies[0]
+    t_analysis = time.time()
     df = analyse(args, out, data, methods, evals, reference)
-    minutes = (time.time() - t_start) / 60
+    walls = {k: (v if v > 0 else previous.get(k, 0.0)) for k, v in walls.items()}
+    minutes = sum(walls.values()) / 60 + (time.time() - t_analysis) / 60
     load = os.getloadavg()
     title = (f"MedAug in miniature on {args.source} ({data.name}): {len(strategies)} strategies x {len(seeds)} "
              f"pre-training seeds, {args.steps} steps each; label draws {args.label_seeds}")
     header = (f"{title}. 95% CI: {args.bootstrap} hierarchical bootstrap replicates over pre-training seeds and "
               f"test patients (cxrjax/eval/compare.py); deltas paired by seed and test patients. Wall time "
-              f"{minutes:.1f} min (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).\n\n"
+              f"{minutes:.1f} min (the stages' times summed, kept across re-runs in sweep.json; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).\n\n"
               f"    python launch/medaug_sweep.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])) + "\n")
     df.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(header + markdown(df, reference))
