@@ -106,7 +106,7 @@ def child(args) -> None:
     import jax
     import pandas as pd
 
-    from cxrjax import export
+    from cxrjax.eval import export
     from cxrjax.data import augment as augment_lib
     from cxrjax.eval import features
     from cxrjax.train import contrastive

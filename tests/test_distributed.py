@@ -153,8 +153,8 @@ def test_two_tasks_of_a_faked_srun_step_join_one_run(tmp_path):
             "import jax\n"
             "from jax.experimental import multihost_utils\n"
             "ids = multihost_utils.process_allgather(np.array([jax.process_index()]))\n"
-            "print(json.dumps([plan.mode, jax.process_count(), jax.process_index(), jax.device_count(),\n"
-            "                  jax.local_device_count(), ids.ravel().tolist()]))\n")
+            "print('RESULT', json.dumps([plan.mode, jax.process_count(), jax.process_index(), jax.device_count(),\n"
+            "                            jax.local_device_count(), ids.ravel().tolist()]), flush=True)\n")
     procs = []
     for i in range(2):
         env = {**_env(2), "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
@@ -167,7 +167,9 @@ def test_two_tasks_of_a_faked_srun_step_join_one_run(tmp_path):
     for i, (p, _) in enumerate(procs):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1]) == ["slurm", 2, i, 4, 2, [0, 1]]
+        # (Gloo's C++ code prints "[Gloo] Rank 0 is connected ..." to the same stdout, in any order)
+        (result,) = [line[len("RESULT "):] for line in out.splitlines() if line.startswith("RESULT ")]
+        assert json.loads(result) == ["slurm", 2, i, 4, 2, [0, 1]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from cxrjax import export
+from cxrjax.eval import export
 from cxrjax.data import augment as augment_lib
 from cxrjax.data import pipeline
 from cxrjax.eval import features
@@ -258,7 +258,14 @@ def test_command_line_reads_a_run_and_a_damaged_one_is_one_line(tmp_path, phanto
     np.testing.assert_allclose(np.stack(got.embedding), np.stack([direct[r] for r in got.row]), rtol=1e-4, atol=1e-5)
     nodata = subprocess.run(cmd[:3] + [f"--data={tmp_path}", f"--out={tmp_path / 'x.parquet'}"], capture_output=True,
                             text=True, env=env, timeout=300)
-    assert nodata.returncode != 0 and "holds no table.parquet" in nodata.stderr and "Traceback" not in nodata.stderr
+    assert nodata.returncode == 1 and "holds no table.parquet" in nodata.stderr and "Traceback" not in nodata.stderr
+    # user mistakes on the command line: one line on stderr, exit 2 (cxrjax.cli, as for main / linear_eval)
+    for extra, says in ((["--sise=32"], "sise"), (["stray"], "unexpected arguments ['stray']"),
+                        (["--format=csv"], "--format")):
+        wrong = subprocess.run(cmd + [f"--out={tmp_path / 'w.parquet'}", *extra], capture_output=True, text=True,
+                               env=env, timeout=300)
+        assert wrong.returncode == 2 and says in wrong.stderr, (extra, wrong.stderr[-2000:])
+        assert len(wrong.stderr.strip().splitlines()) == 1 and wrong.stderr.startswith("cxrjax.export: "), wrong.stderr
     for f in (run / "checkpoints" / "1" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and not f.name.startswith("_"):
             with open(f, "r+b") as fh:

@@ -91,7 +91,7 @@ def test_one_train_step_is_the_same_from_8_and_16_bit_records(records, where):
 def test_features_and_export_are_the_same_from_8_and_16_bit_records(records, tmp_path):
     from cxrjax.data import augment
     from cxrjax.eval import features
-    from cxrjax.export import export_embeddings
+    from cxrjax.eval.export import export_embeddings
     from cxrjax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh({"data": -1})
