@@ -76,6 +76,9 @@ def test_mixed_batches_have_fixed_shares_and_static_slots(phantom):
         b = next(it)
         np.testing.assert_array_equal(b["source"], [0, 0, 0, 0, 1, 1, 2, 2])
         assert b["image"].shape == (8, 32, 32, 1) and b["text_ids"].shape == (8, 24)
+        # the fields the step is compiled for before any data exists (train.mvlm.abstract_batch)
+        spec = V.example_spec(32, 24, 8)
+        assert {k: ((8, *shape), dtype) for k, (shape, dtype) in spec.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
         np.testing.assert_array_equal(b["image_present"], [1, 1, 1, 1, 1, 1, 0, 0])
         np.testing.assert_array_equal(b["text_present"], [1, 1, 1, 1, 0, 0, 1, 1])
         assert not b["image"][6:].any() and not b["patch_mask"][6:].any() and (b["mask_scale"][6:] == -1).all()

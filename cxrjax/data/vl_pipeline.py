@@ -119,17 +119,7 @@ class VLConfig:
 
     def counts(self) -> dict[str, int]:
         """Examples of each kind per GLOBAL batch (paired first), exact or an error."""
-        b = self.pipeline.batch_size
-        out = {}
-        for kind in KINDS:
-            share = float(dict(self.shares).get(kind, 0.0))
-            n = share * b
-            if share < 0 or abs(n - round(n)) > 1e-6:
-                raise ValueError(f"data.shares[{kind!r}]={share} x batch_size {b} is not a whole number of examples")
-            if round(n):
-                out[kind] = int(round(n))
-        if sum(out.values()) != b:
-            raise ValueError(f"data.shares {dict(self.shares)} give {sum(out.values())} examples, not batch_size {b}")
+        out = kind_counts(self.shares, self.pipeline.batch_size)
         _, count = self.pipeline.layout()
         if self.batch_shards % count:
             raise ValueError(f"{self.batch_shards} batch shards do not split over {count} processes")
@@ -139,6 +129,34 @@ class VLConfig:
     @property
     def grid(self) -> int:
         return self.pipeline.augment.size // self.patch
+
+
+def kind_counts(shares, batch_size: int) -> dict[str, int]:
+    """{kind: examples per global batch} from the shares (a dict or (kind, share) pairs), in KINDS order;
+    every share x batch_size a whole number and the counts summing to batch_size, or a one-line error."""
+    shares = dict(shares)
+    out = {}
+    for kind in KINDS:
+        share = float(shares.get(kind, 0.0))
+        n = share * batch_size
+        if share < 0 or abs(n - round(n)) > 1e-6:
+            raise ValueError(f"data.shares[{kind!r}]={share} x batch_size {batch_size} is not a whole number of examples")
+        if round(n):
+            out[kind] = int(round(n))
+    if sum(out.values()) != batch_size:
+        raise ValueError(f"data.shares {shares} give {sum(out.values())} examples, not batch_size {batch_size}")
+    return out
+
+
+def example_spec(size: int, max_len: int, patch: int, dtype=np.uint8) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every field of one example as `VLSlots` makes it (a batch adds a leading axis);
+    what the step is compiled for before any data exists (train.mvlm.abstract_batch)."""
+    n = (size // patch) ** 2
+    return {"row": ((), np.dtype(np.int64)), "source": ((), np.dtype(np.int32)),
+            "image": ((size, size, 1), np.dtype(dtype)), "image_present": ((), np.dtype(bool)),
+            "patch_mask": ((n,), np.dtype(bool)), "mask_scale": ((), np.dtype(np.int32)),
+            "text_ids": ((max_len,), np.dtype(np.int32)), "text_labels": ((max_len,), np.dtype(np.int32)),
+            "text_valid": ((max_len,), np.dtype(bool)), "text_present": ((), np.dtype(bool))}
 
 
 def shard_slices(counts: dict[str, int], shards: int) -> dict[str, tuple[int, int]]:

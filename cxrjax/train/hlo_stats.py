@@ -19,6 +19,7 @@ tests assert on it (tests/test_hlo.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -151,9 +152,26 @@ def parse_contractions(hlo_text: str) -> list[Contraction]:
     return out
 
 
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Compile for real: an executable loaded from the persistent compilation cache comes without the
+    partitioned module XLA dumps while compiling (the dump options are not part of the cache key)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache: ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def step_report(lowered) -> StepReport:
     """Compile `lowered` (a `jax.jit(f).lower(...)`) and read what each device computes and moves."""
-    with tempfile.TemporaryDirectory(prefix="cxrjax-hlo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cxrjax-hlo-") as tmp, _no_persistent_cache():
         compiled = lowered.compile(compiler_options={"xla_dump_to": tmp,
                                                      "xla_dump_hlo_pass_re": "spmd-partitioning"})
         dumps = sorted(Path(tmp).glob("*after_spmd-partitioning*.txt"), key=lambda p: p.stat().st_mtime)

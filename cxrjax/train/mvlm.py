@@ -377,15 +377,13 @@ def build_training(config, mesh, vocab_size: int, total_steps: int, counts: dict
 
 
 def abstract_batch(config, mesh, counts: dict[str, int]) -> dict:
-    """The global batch the step takes (shapes, dtypes, batch sharding), as `vl_pipeline` makes it."""
-    b, s, L = sum(counts.values()), config.augment.size, config.text.max_len
-    n = (s // config.model.patch) ** 2
+    """The global batch the step takes (shapes, dtypes as on the device, batch sharding): `vl_pipeline`'s
+    example fields with a leading axis of the batch size."""
+    b = sum(counts.values())
     sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
-    shapes = {"row": ((b,), jnp.int32), "source": ((b,), jnp.int32), "image": ((b, s, s, 1), jnp.uint8),
-              "image_present": ((b,), bool), "patch_mask": ((b, n), bool), "mask_scale": ((b,), jnp.int32),
-              "text_ids": ((b, L), jnp.int32), "text_labels": ((b, L), jnp.int32), "text_valid": ((b, L), bool),
-              "text_present": ((b,), bool)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+    spec = vl_pipeline.example_spec(config.augment.size, config.text.max_len, config.model.patch)
+    return {k: jax.ShapeDtypeStruct((b, *shape), jax.dtypes.canonicalize_dtype(dtype), sharding=sharding)
+            for k, (shape, dtype) in spec.items()}
 
 
 def abstract_step(config, num_devices: int, devices=None):
@@ -393,7 +391,7 @@ def abstract_step(config, num_devices: int, devices=None):
     data-only mesh), lowered from shapes only (no data, no initialised weights): benchmarks/hlo_report.py."""
     mesh = mesh_lib.make_mesh(config.mesh) if devices is None else mesh_lib.make_mesh({"data": -1}, devices=devices)
     b = config.batch_size
-    counts = {k: int(round(float(v) * b)) for k, v in dict(config.data.shares).items() if round(float(v) * b)}
+    counts = vl_pipeline.kind_counts(config.data.shares, b)
     setup = build_training(config, mesh, config.text.vocab_size, total_steps=1000, counts=counts, materialize=False)
     m = config.model
     title = (f"MVLM ViT-{m.size} (patch {m.patch}, {m.stem} stem), global batch {b} {counts}, "
