@@ -43,7 +43,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cxrjax import prepare
+from cxrjax.data import prepared
 from cxrjax.data import records
 
 PREPARED_SUBDIR = "cxrjax"  # the prepare output inside the dataset's version folder
@@ -63,7 +63,7 @@ class CxrBuilder(tfds.core.dataset_builder.FileReaderBuilder, skip_registration=
     """A cxrjax dataset as a TFDS dataset: features = `records.record_features`, ArrayRecord files.
 
     Keyword arguments in PREPARE_OPTIONS (size, fit, bit_depth, workers, shard_size, ...) are passed to
-    `prepare.prepare_dataset`; they only matter when the dataset is built.
+    `prepared.prepare_dataset`; they only matter when the dataset is built.
     """
 
     VERSION = tfds.core.Version(records.RECORD_VERSION)
@@ -124,9 +124,9 @@ class CxrBuilder(tfds.core.dataset_builder.FileReaderBuilder, skip_registration=
     def _download_and_prepare(self, dl_manager, download_config=None) -> None:
         src = self._source_dir(dl_manager)
         work = self._work_dir()
-        manifest = prepare.prepare_dataset(self.SOURCE, work, src=src, name=self.name, progress=True,
+        manifest = prepared.prepare_dataset(self.SOURCE, work, src=src, name=self.name, progress=True,
                                            **self._prepare_options)
-        print(prepare.summary(manifest))  # counts, bad inputs (listed in manifest.json), timings
+        print(prepared.summary(manifest))  # counts, bad inputs (listed in manifest.json), timings
         target = Path(self.data_dir)
         shard_lengths = manifest["records"]["shard_lengths"]
         split_infos = []

@@ -47,7 +47,8 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 import cxrjax
 from cxrjax.data import metadata, schema
-from cxrjax.data.pipeline import RecordError, ShardedRecords
+from cxrjax.data import prepared
+from cxrjax.data.record_reader import RecordError, RecordReader, ShardedRecords
 
 REQUIRED = ("image", "patient_id")
 FIELDS = ("image", "image_id", "patient_id", "study_id", "study_order", "view", "laterality", "report", "labels")
@@ -396,13 +397,11 @@ class TfdsReader(ShardedRecords):
 
 def open_reader(out, name: str, split: str):
     """The reader of a prepared folder's split: `TfdsReader` if its manifest points at a TFDS source,
-    else the folder's own records (`pipeline.RecordReader`). Same arguments as RecordReader."""
-    from cxrjax.data import pipeline
-
+    else the folder's own records (`record_reader.RecordReader`). Same arguments as RecordReader."""
     entry = read_manifest_source(out)
     if entry is not None:
         return TfdsReader.from_manifest(entry, split)
-    return pipeline.RecordReader(out, name, split)
+    return RecordReader(out, name, split)
 
 
 def read_manifest_source(out) -> dict | None:
@@ -423,8 +422,6 @@ def materialize(source: TfdsSource, out, *, strategies=None, include_self: bool 
     OUT is then a prepared folder like `python -m cxrjax.prepare` writes, except that its images stay
     in the TFDS dataset (the manifest's `tfds_source` says where). Returns the manifest.
     """
-    from cxrjax import prepare
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     builder = source.builder()
@@ -432,7 +429,7 @@ def materialize(source: TfdsSource, out, *, strategies=None, include_self: bool 
     tmp = out / "table.parquet.tmp"
     table.to_parquet(tmp, index=False)
     os.replace(tmp, out / "table.parquet")
-    pair_stats = prepare.build_pairs(table, out, strategies, include_self)
+    pair_stats = prepared.build_pairs(table, out, strategies, include_self)
     files = {s: source.shard_files(builder, s) for s in source.splits}
     manifest = {
         "cxrjax_version": cxrjax.__version__,
@@ -442,14 +439,14 @@ def materialize(source: TfdsSource, out, *, strategies=None, include_self: bool 
         "records": {"tfds_dir": os.fspath(builder.data_dir), "files": files,
                     "shard_lengths": {s: list(builder.info.splits[source.splits[s]].shard_lengths)
                                       for s in source.splits}},
-        "counts": prepare.manifest_counts(table),
+        "counts": prepared.manifest_counts(table),
         "input_rows": len(table),
         "bad_inputs": {"count": 0, "items": []},
         "pairs": {"include_self": include_self, "strategies": pair_stats},
         "reports": None,
         "timings": {},
     }
-    prepare.write_json(out / "manifest.json", manifest)
+    prepared.write_json(out / "manifest.json", manifest)
     return manifest
 
 
