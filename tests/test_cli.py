@@ -127,3 +127,19 @@ def test_a_required_accelerator_that_is_missing_stops_the_run(tmp_path, how):
     r = _main(f"--config={MOCO}:demo", f"--workdir={tmp_path / 'w'}", how)
     _one_line_error(r, "accelerator", code=1)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module", ["cxrjax.eval.mvlm_heldout", "cxrjax.eval.regeneration", "cxrjax.eval.retrieval"])
+def test_masked_vision_language_eval_commands_say_one_line(tmp_path, module):
+    """The MVLM eval commands go through the same parser: a stray argument or an unknown flag is one line
+    and exit 2; a folder that is not a run is one line and exit 1 (it names the config.json it looked for)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = lambda *a: subprocess.run([sys.executable, "-m", module, *a], capture_output=True, text=True, env=env,
+                                    timeout=300)
+    for args, says, code in (([f"--checkpoint={tmp_path}", "stray"], "unexpected arguments ['stray']", 2),
+                             ([f"--checkpoint={tmp_path}", "--splt=test"], "splt", 2),
+                             ([f"--checkpoint={tmp_path}"], f"{tmp_path}/config.json not found", 1)):
+        r = run(*args)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == code and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert lines[0].startswith(f"{module}: error: ") and says in lines[0], lines[0]

@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
+from cxrjax import cli
 from cxrjax.text import tokenizer as tok_lib
+from cxrjax.train import workdir as workdir_lib
 
 
 def unigram_baseline(train_ids: list[np.ndarray], target_ids: np.ndarray) -> dict:
@@ -112,7 +113,7 @@ def evaluate(workdir: str, split: str | None = None, step: int | None = None) ->
     ids, valid = tok_lib.encode(tokenizer, held["report"], L)
     valid &= has_report[:, None]
     graphdef, params = nnx.split(model)
-    result = {"workdir": str(Path(workdir).resolve()), "step": step, "split": split, "n_images": n,
+    result = {"workdir": str(workdir_lib.workdir_path(workdir)), "step": step, "split": split, "n_images": n,
               "n_reports": int(has_report.sum())}
 
     # -- MLM ---------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def evaluate(workdir: str, split: str | None = None, step: int | None = None) ->
             ret["image_to_report"][f"chance_R@{k}"] = min(1.0, k / len(distinct))
             ret["report_to_image"][f"chance_R@{k}"] = chance_recall(len(r), per_report, k)
         result["retrieval"] = ret
-    out_path = Path(workdir) / f"eval_heldout_{split}.json"
+    out_path = workdir_lib.workdir_path(workdir) / f"eval_heldout_{split}.json"
     out_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -199,22 +200,22 @@ def _patch_mean(image, patch: int, norm_pix: bool):
 def main(argv):
     from absl import flags
 
-    del argv
+    del argv  # cli.parse_flags refuses positional arguments
     f = flags.FLAGS
     try:
         r = evaluate(f.checkpoint, f.split, f.step)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cxrjax.eval.mvlm_heldout: error: {e}") from None
+        cli.fail("cxrjax.eval.mvlm_heldout", str(e), cli.EXIT_ERROR)
     print(json.dumps(r, indent=1))
 
 
 def run():
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "Workdir of a masked vision-language run.", required=True)
     flags.DEFINE_string("split", None, "Held-out split (default: the run's config.eval.split).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    app.run(main)
+    cli.run(main, prog="cxrjax.eval.mvlm_heldout", config_flag=None)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ Writes WORKDIR/eval_regeneration_<split>.json and WORKDIR/regeneration_<split>.p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+
+from cxrjax import cli
+from cxrjax.train import workdir as workdir_lib
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -116,7 +118,7 @@ def evaluate(workdir: str, split: str | None = None, rows: int = 8, with_report:
     has = np.array([bool(r.strip()) for r in held["report"]]) & with_report
     valid = valid & has[:, None]
     scales = [int(s) for s in config.mask.scales]
-    result = {"workdir": str(Path(workdir).resolve()), "step": step, "split": split, "n_images": n,
+    result = {"workdir": str(workdir_lib.workdir_path(workdir)), "step": step, "split": split, "n_images": n,
               "with_report": bool(with_report), "images_with_report": int(has.sum()),
               "mask_ratio": config.mask.image_ratio, "norm_pix": bool(config.model.norm_pix), "scales": {}}
     shown = []
@@ -134,10 +136,10 @@ def evaluate(workdir: str, split: str | None = None, rows: int = 8, with_report:
         }
         for j in range(si, min(rows, n), len(scales)):
             shown.append((j, s, orig[j], np.where(pix_mask[j], 0.0, orig[j]), regen[j]))
-    png = Path(workdir) / f"regeneration_{split}.png"
+    png = workdir_lib.workdir_path(workdir) / f"regeneration_{split}.png"
     write_grid(sorted(shown, key=lambda t: t[0]), png)
     result["grid"] = str(png)
-    (Path(workdir) / f"eval_regeneration_{split}.json").write_text(json.dumps(result, indent=1))
+    (workdir_lib.workdir_path(workdir) / f"eval_regeneration_{split}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -155,31 +157,32 @@ def write_grid(rows, path) -> None:
             axes[r, c].set_axis_off()
             axes[r, c].set_title(f"#{j} {title}" if c == 0 else title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # a local path or a gs:// URL (etils.epath)
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
 def main(argv):
     from absl import flags
 
-    del argv
+    del argv  # cli.parse_flags refuses positional arguments
     f = flags.FLAGS
     try:
         r = evaluate(f.checkpoint, f.split, f.rows, f.with_report, f.step)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cxrjax.eval.regeneration: error: {e}") from None
+        cli.fail("cxrjax.eval.regeneration", str(e), cli.EXIT_ERROR)
     print(json.dumps(r, indent=1))
 
 
 def run():
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "Workdir of a masked vision-language run.", required=True)
     flags.DEFINE_string("split", None, "Held-out split (default: the run's config.eval.split).")
     flags.DEFINE_integer("rows", 8, "Examples shown in the PNG grid.")
     flags.DEFINE_bool("with_report", True, "Give the model the image's report (when it has one).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    app.run(main)
+    cli.run(main, prog="cxrjax.eval.regeneration", config_flag=None)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ Writes WORKDIR/eval_retrieval_<split>.json.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+
+from cxrjax import cli
+from cxrjax.train import workdir as workdir_lib
 
 KS = (1, 5, 10)
 
@@ -145,7 +147,7 @@ def evaluate(workdir: str, split: str | None = None, label: str | None = None, s
     bs = config.eval.batch_size
     project = config.loss.itc > 0
     held = vl_pipeline.load_eval_split(data_dir, split, aug, config.data.name)
-    result = {"workdir": str(Path(workdir).resolve()), "step": step, "split": split, "data_dir": data_dir,
+    result = {"workdir": str(workdir_lib.workdir_path(workdir)), "step": step, "split": split, "data_dir": data_dir,
               "embedding": "mean-pooled single-modality pass" + (" + ITC projection" if project else "")}
 
     with_report = np.array([bool(r.strip()) for r in held["report"]])
@@ -169,7 +171,7 @@ def evaluate(workdir: str, split: str | None = None, label: str | None = None, s
             image_features(model, held["image"][kte], bs), yte[kte], seed=config.seed)}
     except ValueError as e:
         result["linear_probe"] = f"skipped: {e}"
-    out = Path(workdir) / f"eval_retrieval_{split}.json"
+    out = workdir_lib.workdir_path(workdir) / f"eval_retrieval_{split}.json"
     out.write_text(json.dumps(result, indent=1))
     return result
 
@@ -182,19 +184,19 @@ def main(argv):
     try:
         r = evaluate(f.checkpoint, f.split, f.label, f.step)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cxrjax.eval.retrieval: error: {e}") from None
+        cli.fail("cxrjax.eval.retrieval", str(e), cli.EXIT_ERROR)
     print(json.dumps(r, indent=1))
 
 
 def run():
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "Workdir of a masked vision-language run (config.json, "
                         "tokenizer.json, checkpoints/).", required=True)
     flags.DEFINE_string("split", None, "Held-out split (default: the run's config.eval.split).")
     flags.DEFINE_string("label", None, "CheXpert label of the linear probe (default: config.eval.label).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    app.run(main)
+    cli.run(main, prog="cxrjax.eval.retrieval", config_flag=None)
 
 
 if __name__ == "__main__":

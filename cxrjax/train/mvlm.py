@@ -539,7 +539,7 @@ def load_run(workdir: str, step: int | None = None):
     """(config, data_dir, tokenizer, model with the checkpoint's parameters, step) of a finished run."""
     import orbax.checkpoint as ocp
 
-    workdir = Path(workdir).resolve()
+    workdir = workdir_lib.workdir_path(workdir)  # local (absolute) or a URL: gs://bucket/run
     cfg_path = workdir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: --checkpoint must be the workdir of a masked "
