@@ -2,6 +2,7 @@
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU devices, wh
 # tests, and a cache hit loads the executable instead (same program bit for bit: the key is the HLO,
 # the flags and the device set). Kept between runs under the user's cache folder; set
 # JAX_COMPILATION_CACHE_DIR to move it, or to an empty string to compile everything afresh.
-_cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache_home / "cxrjax" / "jax-cache-tests"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxrjax" / "jax-cache-tests"
+    try:
+        _cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some CI runners): a per-user folder in the temp directory
+        _cache = Path(tempfile.gettempdir()) / f"cxrjax-jax-cache-tests-{os.getuid()}"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # skip the many tiny jits
 
 # Real public data lives beside the repo (../shared/data); a fresh clone may not have it.
