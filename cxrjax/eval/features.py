@@ -198,7 +198,7 @@ def _partial_restore(workdir: Path, step: int, target: dict, what: str) -> dict:
     step_dir = workdir / "checkpoints" / str(step)
     ckpt_lib.ignore_late_read_callbacks()  # abandoned reads of a damaged step: no "Event loop is closed" noise
     try:
-        with ckpt_lib.quiet_failed_reads(), ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        with ckpt_lib.quiet_failed_reads(step_dir), ocp.CheckpointManager(workdir / "checkpoints") as manager:
             state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
             jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - TensorStore/Orbax raise many types; the user needs one line

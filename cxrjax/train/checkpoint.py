@@ -121,7 +121,7 @@ class Checkpointer:
         # Orbax's loop closes, before the except clause below runs.
         ignore_late_read_callbacks()
         try:
-            with quiet_failed_reads():
+            with quiet_failed_reads(self.directory / str(step)):
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -196,21 +196,44 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def quiet_failed_reads():
-    """When one array of a checkpoint cannot be read, Orbax's other read tasks fail too and asyncio
-    logs each of them ("Task exception was never retrieved", hundreds of lines of TensorStore specs)
-    when they are garbage-collected. The first error is the one that matters and is raised; collect
-    the rest here, with asyncio's logger silenced."""
-    log = logging.getLogger("asyncio")
-    level = log.level
-    log.setLevel(logging.CRITICAL + 1)
+def quiet_failed_reads(directory):
+    """When one array of a checkpoint cannot be read, Orbax's other reads fail too and asyncio logs
+    each of their futures ("Future exception was never retrieved", hundreds of lines of TensorStore
+    specs) whenever they are garbage-collected -- possibly long after the restore returned. The first
+    error is the one that matters and is raised. A filter on asyncio's logger drops exactly those
+    records whose exception names a file under `directory` (a checkpoint folder whose read failed);
+    it stays installed, since the late ones come when they come. Nothing else of asyncio's is hidden."""
     try:
         yield
     except BaseException:
+        _ABANDONED_READ_DIRS.update(_path_forms(directory))
+        _install_abandoned_read_filter()
         gc.collect()
         raise
-    finally:
-        log.setLevel(level)
+
+
+_ABANDONED_READ_DIRS: set[str] = set()
+_NEVER_RETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+def _path_forms(directory) -> list[str]:
+    """How TensorStore may spell `directory` in its messages: as given, and without a URL scheme."""
+    text = os.fspath(directory).rstrip("/")
+    return [text, text.split("://", 1)[1]] if "://" in text else [text, os.path.abspath(text)]
+
+
+class _AbandonedReadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and str(record.msg).startswith(_NEVER_RETRIEVED)):
+            return True
+        text = str(record.exc_info[1])
+        return not any(d + "/" in text for d in _ABANDONED_READ_DIRS)
+
+
+def _install_abandoned_read_filter() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in log.filters):
+        log.addFilter(_AbandonedReadFilter())
 
 
 def ignore_late_read_callbacks() -> None:
