@@ -6,9 +6,12 @@ and the key encoder, EMA of the key encoder, key forward without gradient under 
 groups, InfoNCE with a queue of K keys (logits [q.k+, q.queue] / T, cross-entropy), Adam step
 with weight decay, enqueue. float32, the same number of threads. Throughput is QUERY images/s
 (B per step; each step also encodes B key images without gradient); step time is the median over
-the timed steps (robust to other load on a shared machine), compile / warm-up excluded.
+the timed steps (robust to other load on a shared machine), compile / warm-up excluded. The sides
+take turns step by step (`race`), so a machine that speeds up or slows down during the run does so
+for every side alike.
 
     python benchmarks/train_bench.py                        # 224 and 128 px, batch 16 (~3.5 min on 2 cores)
+    python benchmarks/train_bench.py --skip=torch --xla_pool  # cxrjax's CPU max-pool gradient vs XLA's
     python benchmarks/train_bench.py --sizes=224 --steps=5  # quicker
     python benchmarks/train_bench.py --sweep=128            # cxrjax alone under each XLA flag set (subprocesses)
 
@@ -28,12 +31,13 @@ channels_last is reported (both are measured unless --torch_layout is given).
 XLA flags: the set named by --flags (default: the fastest measured on this machine, see FLAG_SETS)
 is put into XLA_FLAGS before JAX is imported, and printed; --xla_flags adds more.
 
-Measured on 2 AMD EPYC cores (shared machine, jaxlib 0.10.2, torch 2.13.0), batch 16, img/s:
-  224 px: cxrjax 6.36 (2.52 s/step, 206 GFLOP/step, 82 GFLOP/s), torch 7.57 (NCHW, BN split) -> 0.84x
-  128 px: cxrjax 19.9 (0.80 s/step, 64 GFLOP/step, 79 GFLOP/s), torch 20.5 (channels_last)  -> 0.97x
+Measured on 2 AMD EPYC cores (AVX2; shared machine, jaxlib 0.10.2, torch 2.13.0), batch 16, 10 steps per
+side taking turns, three runs 2026-11-30 21:37-21:50 UTC (docs/cpu_step.md has the profile):
+  224 px: cxrjax 7.70-8.42 img/s (1.93 s/step, 206 GFLOP/step), torch 7.63-8.36 (channels_last) -> 1.01x each run
+  128 px: cxrjax 21.4-24.9 img/s, torch 22.8-25.4 (channels_last, BN split)               -> 0.94-0.98x
   XLA's default YNNPACK convolutions are 1.5x (128 px) to 2x (224 px) slower than its Eigen ones,
-  hence the default --flags=eigen_conv. --patch=maxpool_slices (a model change, not applied by
-  default) made the cxrjax step a further ~8-13% faster (224 px: 7.3 img/s, ~0.97x).
+  hence the default --flags=eigen_conv. --xla_pool adds cxrjax with the stem max-pool's gradient left to
+  XLA's select-and-scatter (1.04-1.06x slower: what cxrjax/models/pooling.py lowers otherwise on the CPU).
 """
 
 from __future__ import annotations
@@ -79,9 +83,9 @@ def parse_args(argv=None):
                         "encoder runs once per group of B/G images (loop, as one GPU each in the reference MoCo)")
     p.add_argument("--skip", default="", help="comma list of sides to skip: cxrjax,torch")
     p.add_argument("--sweep", default="", help="SIZE: time cxrjax alone under every flag set, then exit")
-    p.add_argument("--patch", default="", choices=("", "maxpool_slices"),
-                   help="measure a model change without editing cxrjax: maxpool_slices = the stem's 3x3/2 max "
-                        "pool as a max of 9 strided slices (its gradient fuses; lax.reduce_window's does not on CPU)")
+    p.add_argument("--xla_pool", action="store_true",
+                   help="also time cxrjax with the stem max-pool's gradient left to XLA (select-and-scatter; "
+                        "cxrjax lowers it otherwise on the CPU, see cxrjax/models/pooling.py)")
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     return p.parse_args(argv)
 
@@ -106,16 +110,28 @@ def make_batch(batch: int, size: int, seed: int = 0) -> dict:
             "key_study": ids(5), "key_laterality": ids(2)}
 
 
-def timed(step, steps: int, warmup: int) -> list[float]:
-    """Seconds of each timed call of step() (which must block until its result is ready)."""
+def race(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each timed call of every step() (each must block until its result is ready).
+
+    The contenders take turns, one step each per round (the order rotates every round), so a shared
+    machine that slows down or speeds up during the run slows every side alike; warm-up rounds first."""
+    names = list(steps)
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t)
     return times
+
+
+def summary(times: list[float], batch: int) -> dict:
+    med = statistics.median(times)
+    return {"img_per_s": batch / med, "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(times)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,34 +150,17 @@ def cxrjax_config(args, size: int):
     return c
 
 
-def max_pool_slices(x, window_shape, strides=None, padding="VALID"):
-    """`nnx.max_pool` for NHWC as a maximum of strided slices (same values; same gradients after a ReLU)."""
-    import jax.numpy as jnp
-
-    (kh, kw), (sh, sw) = window_shape, strides or (1, 1)
-    (pt, pb), (pl, pr) = padding
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
-    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            v = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-            out = v if out is None else jnp.maximum(out, v)
-    return out
-
-
-def bench_cxrjax(args, size: int) -> dict:
+def cxrjax_step(args, size: int, xla_pool: bool = False):
+    """(step, info): one call runs the trainer's compiled step on the fixed batch and blocks.
+    `xla_pool`: the stem max-pool differentiated by XLA (select-and-scatter) instead of cxrjax's CPU lowering."""
     import jax
-    from flax import nnx
+
+    from cxrjax.models import pooling
 
     from cxrjax.data import pipeline
     from cxrjax.train import contrastive as ct
     from cxrjax.train import mesh as mesh_lib
 
-    if args.patch == "maxpool_slices":
-        from cxrjax.models import resnet
-
-        resnet.nnx = _NnxProxy(nnx, max_pool=max_pool_slices)
     config = cxrjax_config(args, size)
     mesh = ct.make_mesh(config)
     setup = ct.build_training(config, mesh, config.total_steps)  # exactly the trainer's state and step
@@ -171,34 +170,22 @@ def bench_cxrjax(args, size: int) -> dict:
     batch = jax.device_put(make_batch(args.batch, size), batch_sharding)
 
     t = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
-    flops = ct._flops(compiled)
-
+    chosen = pooling.max_pool_3x3_s2
+    if xla_pool:
+        pooling.max_pool_3x3_s2 = pooling._max_pool_xla  # autodiff of reduce-window: select-and-scatter
+    try:
+        compiled = train_step.lower(state, batch).compile()  # the model is traced here
+    finally:
+        pooling.max_pool_3x3_s2 = chosen
+    info = {"side": "cxrjax" + (", XLA pool" if xla_pool else ""), "size": size, "batch": args.batch, "compile_s": time.perf_counter() - t,
+            "gflop_per_step": ct._flops(compiled) / 1e9, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     holder = {"state": state}
 
     def step():
         holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-        holder["loss"] = metrics["loss"]
+        info["loss"] = float(jax.block_until_ready(metrics["loss"]))
 
-    times = timed(step, args.steps, args.warmup)
-    jax.block_until_ready(holder["state"])
-    med = statistics.median(times)
-    return {"side": "cxrjax", "size": size, "batch": args.batch, "img_per_s": args.batch / med,
-            "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(times), "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / med / 1e9, "compile_s": compile_s, "loss": float(holder["loss"]),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
-class _NnxProxy:
-    """flax.nnx with some attributes replaced (what `cxrjax.models.resnet` sees as `nnx`)."""
-
-    def __init__(self, module, **overrides):
-        self._module, self._overrides = module, overrides
-
-    def __getattr__(self, name):
-        return self._overrides[name] if name in self._overrides else getattr(self._module, name)
+    return step, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +273,8 @@ def cross_group_permutation(gen, n: int, groups: int):
     return perm, inverse
 
 
-def bench_torch(args, size: int, layout: str, bn: str) -> dict:
+def torch_step(args, size: int, layout: str, bn: str):
+    """(step, info): one call runs the PyTorch MoCo v2 step (`loss.item()` waits for it)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -343,10 +331,13 @@ def bench_torch(args, size: int, layout: str, bn: str) -> dict:
             ptr[0] = (ptr[0] + n) % K
         step.loss = loss.item()
 
-    times = timed(step, args.steps, args.warmup)
-    med = statistics.median(times)
-    return {"side": "torch", "layout": layout, "bn": bn, "size": size, "batch": args.batch, "img_per_s": args.batch / med,
-            "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(times), "loss": step.loss, "threads": torch.get_num_threads()}
+    def timed_step():
+        step()
+        info["loss"] = step.loss
+
+    info = {"side": "torch", "layout": layout, "bn": bn, "size": size, "batch": args.batch,
+            "threads": torch.get_num_threads()}
+    return timed_step, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,25 +393,38 @@ def main(argv=None):
     rows = []
     for size in sizes:
         row = {"size": size}
+        steps, infos = {}, {}
         if "cxrjax" not in skip:
-            r = bench_cxrjax(args, size)
-            say(r)
-            log(f"  cxrjax {size:4d}px: {r['img_per_s']:7.2f} img/s, {r['ms_per_step']:8.1f} ms/step "
-                f"(min {r['ms_min']:.1f}), {r['gflop_per_step']:.1f} GFLOP/step (XLA), {r['gflop_per_s']:.1f} GFLOP/s, "
-                f"compile {r['compile_s']:.1f} s, loss {r['loss']:.3f}")
-            row["cxrjax"] = r
+            steps["cxrjax"], infos["cxrjax"] = cxrjax_step(args, size)
+            if args.xla_pool:
+                steps["cxrjax, XLA pool"], infos["cxrjax, XLA pool"] = cxrjax_step(args, size, xla_pool=True)
         if "torch" not in skip:
-            best = None
             for layout, bn in variants:
-                r = bench_torch(args, size, layout, bn)
-                say(r)
-                gf = row["cxrjax"]["gflop_per_step"] if "cxrjax" in row else 0.0
-                log(f"  torch  {size:4d}px {layout:13s} BN {bn:5s}: {r['img_per_s']:7.2f} img/s, {r['ms_per_step']:8.1f} ms/step "
-                    f"(min {r['ms_min']:.1f})" + (f", {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s at XLA's count" if gf else "")
+                name = f"torch {layout}/{bn}"
+                steps[name], infos[name] = torch_step(args, size, layout, bn)
+        times = race(steps, args.steps, args.warmup)
+        results = {name: {**infos[name], **summary(times[name], args.batch)} for name in steps}
+        gf = results["cxrjax"]["gflop_per_step"] if "cxrjax" in results else 0.0
+        for name, r in results.items():
+            say(r)
+            if name.startswith("cxrjax"):
+                log(f"  {name} {size:4d}px: {r['img_per_s']:7.2f} img/s, {r['ms_per_step']:8.1f} ms/step "
+                    f"(min {r['ms_min']:.1f}), {gf:.1f} GFLOP/step (XLA), {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s, "
+                    f"compile {r['compile_s']:.1f} s, loss {r['loss']:.3f}")
+            else:
+                log(f"  torch  {size:4d}px {r['layout']:13s} BN {r['bn']:5s}: {r['img_per_s']:7.2f} img/s, "
+                    f"{r['ms_per_step']:8.1f} ms/step (min {r['ms_min']:.1f})"
+                    + (f", {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s at XLA's count" if gf else "")
                     + f", {r['threads']} threads, loss {r['loss']:.3f}")
-                if best is None or r["img_per_s"] > best["img_per_s"]:
-                    best = r
-            row["torch"] = best
+        if "cxrjax" in results:
+            row["cxrjax"] = results["cxrjax"]
+        torch_rows = [r for name, r in results.items() if name.startswith("torch")]
+        if "cxrjax, XLA pool" in results and "cxrjax" in results:
+            log(f"  cxrjax with its CPU max-pool gradient / with XLA's: "
+                f"{results['cxrjax']['img_per_s'] / results['cxrjax, XLA pool']['img_per_s']:.2f}x")
+        if torch_rows:
+            row["torch"] = max(torch_rows, key=lambda r: r["img_per_s"])
+        del steps, infos
         rows.append(row)
     if args.json:
         return
@@ -430,7 +434,8 @@ def main(argv=None):
         t = row.get("torch", {}).get("img_per_s")
         print(f"{row['size']:5d} {args.batch:5d} {c or float('nan'):13.2f} {t or float('nan'):12.2f} "
               f"{(row['torch']['layout'] + '/' + row['torch']['bn']) if 'torch' in row else '-':>20} {(c / t if c and t else float('nan')):6.2f}x")
-    print(f"(ratio = cxrjax / torch; XLA_FLAGS={flags!r})")
+    print(f"(ratio = cxrjax / the fastest torch variant; medians of {args.steps} steps per side, the sides taking "
+          f"turns step by step; XLA_FLAGS={flags!r})")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cxrjax.models import pooling
+
 Dtype = Any
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every conv.
@@ -195,7 +197,7 @@ class ResNet(nnx.Module):
             raise ValueError(f"expected NHWC input with {self.in_channels} channels, got {x.shape}")
         x = x.astype(self.dtype)
         x = nnx.relu(self.bn1(self.conv1(x), train=train, num_groups=bn_groups))
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = pooling.max_pool_3x3_s2(x)  # torchvision's MaxPool2d(3, 2, 1); gradient lowered per backend
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in layer:
                 x = blk(x, train=train, num_groups=bn_groups)
