@@ -102,8 +102,10 @@ def main(argv=None):
     p.add_argument("--stages", type=int, default=4, help="how many of ResNet-18's 4 stages")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip", default="", help="torch: XLA only")
+    p.add_argument("--flags", default=train_bench.DEFAULT_FLAGS, choices=sorted(train_bench.FLAG_SETS),
+                   help="named XLA flag set (benchmarks/train_bench.py), e.g. none = jaxlib's YNNPACK convolutions")
     args = p.parse_args(argv)
-    flags = train_bench.set_xla_flags(train_bench.parse_args([]))
+    flags = train_bench.set_xla_flags(train_bench.parse_args([f"--flags={args.flags}"]))
     import jax
 
     have_torch = "torch" not in args.skip

@@ -41,7 +41,7 @@ import time
 
 import train_bench  # benchmarks/ is this script's folder: the same step and batch as the throughput benchmark
 
-SMOKE_ARGS = ["--size=32", "--batch=4", "--steps=1", "--top=3"]  # tests/test_benchmarks.py: seconds of work
+SMOKE_ARGS = ["--size=32", "--batch=4", "--steps=1", "--top=3", "--xla_pool"]  # tests/test_benchmarks.py: seconds of work
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{[^}]*\})? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -102,7 +102,19 @@ def dot_flops(ins: dict, instrs: dict) -> float:
     return 2.0 * out * k
 
 
-def classify(name: str, instrs: dict, comps: dict, batch: int) -> tuple[str, float]:
+_KERNEL_SHAPES: dict[int, set] = {}
+
+
+def kernel_shapes(instrs: dict) -> set:
+    """Sorted shapes of the step's convolution kernels (4-D entry parameters named ...kernel...)."""
+    key = id(instrs)
+    if key not in _KERNEL_SHAPES:
+        _KERNEL_SHAPES[key] = {tuple(sorted(i["shape"])) for n, i in instrs.items()
+                               if i["opcode"] == "parameter" and "kernel" in n and len(i["shape"]) == 4}
+    return _KERNEL_SHAPES[key]
+
+
+def classify(name: str, instrs: dict, comps: dict) -> tuple[str, float]:
     """(group, FLOPs) of one executed instruction; fusions are looked into."""
     ins = instrs[name]
     inner = [ins]
@@ -114,18 +126,8 @@ def classify(name: str, instrs: dict, comps: dict, batch: int) -> tuple[str, flo
     if convs:
         c = convs[0]
         flops = sum(conv_flops(i, instrs) for i in convs)
-        # XLA writes a kernel's gradient as a convolution whose window (the activations' height x
-        # width) is larger than its output (the kernel's height x width); never so forward.
-        labels = re.search(r"->(\w+)", c["line"]).group(1)
-        window = re.search(r"window=\{size=([\dx]+)", c["line"])
-        win = 1
-        for w in (window.group(1).split("x") if window else []):
-            win *= int(w)
-        out_spatial = 1
-        for i, label in enumerate(labels):
-            if label.isdigit():
-                out_spatial *= c["shape"][i]
-        if win > out_spatial:
+        # a kernel's gradient is a convolution whose output holds a kernel's elements (any order)
+        if tuple(sorted(c["shape"])) in kernel_shapes(instrs):
             return "conv weight-grad", flops
         return ("conv input-grad" if "transpose(" in c["line"] else "conv forward"), flops
     dots = [i for i in inner if i["opcode"] == "dot"]
@@ -197,6 +199,9 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=0, help="also list the N slowest instructions")
     p.add_argument("--flags", default=train_bench.DEFAULT_FLAGS, choices=sorted(train_bench.FLAG_SETS))
     p.add_argument("--xla_flags", default="")
+    p.add_argument("--xla_pool", action="store_true",
+                   help="the stem max-pool's gradient left to XLA (select-and-scatter): the step before "
+                        "cxrjax/models/pooling.py")
     args = p.parse_args(argv)
     bench_args = train_bench.parse_args([f"--batch={args.batch}", f"--flags={args.flags}",
                                          f"--xla_flags={args.xla_flags}"])
@@ -214,7 +219,15 @@ def main(argv=None):
     state, train_step = setup.state, setup.train_step
     batch = jax.device_put(train_bench.make_batch(args.batch, args.size),
                            pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES))
-    compiled = train_step.lower(state, batch).compile()
+    from cxrjax.models import pooling
+
+    chosen = pooling.max_pool_3x3_s2
+    if args.xla_pool:
+        pooling.max_pool_3x3_s2 = pooling._max_pool_xla
+    try:
+        compiled = train_step.lower(state, batch).compile()  # the model is traced here
+    finally:
+        pooling.max_pool_3x3_s2 = chosen
     instrs, comps = parse_hlo(compiled.as_text())
     for _ in range(2):
         state, metrics = compiled(state, batch)
@@ -234,7 +247,7 @@ def main(argv=None):
     per_instr = collections.defaultdict(float)
     counted = collections.Counter()
     for e in events:
-        group, flops = classify(e["name"], instrs, comps, args.batch)
+        group, flops = classify(e["name"], instrs, comps)
         per_group[group][0] += e["dur"]
         per_group[group][1] += flops
         per_instr[e["name"]] += e["dur"]
@@ -242,7 +255,8 @@ def main(argv=None):
     n = args.steps
     wall = statistics.median(walls)
     total = sum(us for us, _ in per_group.values()) / n / 1e3
-    print(f"MoCo step, ResNet-18 width 64, batch {args.batch}, {args.size} px, float32; {n} traced steps; "
+    print(f"MoCo step, ResNet-18 width 64, batch {args.batch}, {args.size} px, float32"
+          f"{', XLA max-pool gradient' if args.xla_pool else ''}; {n} traced steps; "
           f"XLA_FLAGS={flags!r}")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; wall {wall * 1e3:.0f} ms/step (median), "
           f"instructions busy {total:.0f} ms/step, {len(counted)} distinct executed")
@@ -255,7 +269,7 @@ def main(argv=None):
     if args.top:
         print(f"\nslowest {args.top} instructions (ms/step, group, shape):")
         for name, us in sorted(per_instr.items(), key=lambda kv: -kv[1])[:args.top]:
-            group, flops = classify(name, instrs, comps, args.batch)
+            group, flops = classify(name, instrs, comps)
             ins = instrs[name]
             print(f"  {us / n / 1e3:8.1f}  {group:32s} {name:40s} {ins['opcode']:12s} {list(ins['shape'])}"
                   + (f"  {flops / 1e9 / (us / n / 1e6):.1f} GFLOP/s" if flops else ""))

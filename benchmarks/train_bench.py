@@ -32,12 +32,12 @@ XLA flags: the set named by --flags (default: the fastest measured on this machi
 is put into XLA_FLAGS before JAX is imported, and printed; --xla_flags adds more.
 
 Measured on 2 AMD EPYC cores (AVX2; shared machine, jaxlib 0.10.2, torch 2.13.0), batch 16, 10 steps per
-side taking turns, three runs 2026-11-30 21:37-21:50 UTC (docs/cpu_step.md has the profile):
-  224 px: cxrjax 7.70-8.42 img/s (1.93 s/step, 206 GFLOP/step), torch 7.63-8.36 (channels_last) -> 1.01x each run
-  128 px: cxrjax 21.4-24.9 img/s, torch 22.8-25.4 (channels_last, BN split)               -> 0.94-0.98x
+side taking turns, four runs 2026-11-30 21:37-22:16 UTC (docs/cpu_step.md has the profile):
+  224 px: cxrjax 7.70-8.49 img/s (1.9 s/step, 206 GFLOP/step), torch 7.63-8.64 (channels_last) -> 0.98-1.01x
+  128 px: cxrjax 21.4-25.0 img/s, torch 22.8-25.4 (channels_last, BN split)               -> 0.94-0.99x
   XLA's default YNNPACK convolutions are 1.5x (128 px) to 2x (224 px) slower than its Eigen ones,
   hence the default --flags=eigen_conv. --xla_pool adds cxrjax with the stem max-pool's gradient left to
-  XLA's select-and-scatter (1.04-1.06x slower: what cxrjax/models/pooling.py lowers otherwise on the CPU).
+  XLA's select-and-scatter (1.03-1.06x slower: what cxrjax/models/pooling.py lowers otherwise on the CPU).
 """
 
 from __future__ import annotations

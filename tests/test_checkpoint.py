@@ -162,14 +162,19 @@ def test_late_failed_reads_of_a_damaged_checkpoint_are_dropped_and_nothing_else(
     def read_error(folder):
         return ValueError(f'OUT_OF_RANGE: Error reading "w.value/.zarray" in OCDBT database at local file "{folder}/state/"')
 
+    elsewhere = Path("/elsewhere") / str(damaged).lstrip("/")  # a folder whose path ends the same way
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         abandon(read_error(damaged))
         abandon(read_error(tmp_path / "checkpoints" / "60"))  # another step: shown
         abandon(RuntimeError(f"unrelated, in {damaged}"))  # not under the folder's path: shown
+        abandon(read_error(elsewhere))  # shown
+        # the step, moved aside, is saved anew and that fails: shown
+        abandon(ValueError(f'DATA_LOSS: Error writing "w.value/.zarray" to local file "{damaged}/state/"'))
     loop.close()
     shown = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
-    assert len(shown) == 2, shown
+    assert len(shown) == 4, shown
     assert "/checkpoints/60/state/" in shown[0] and shown[1].startswith("unrelated")
+    assert f'"{elsewhere}/state/"' in shown[2] and shown[3].startswith("DATA_LOSS: Error writing")
     assert all(r.getMessage().startswith("Future exception was never retrieved") for r in caplog.records)
 
 

@@ -37,12 +37,12 @@ def _value_and_grad(x, g):
     return y, pullback(g)[0]
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2), (1, 1, 2, 1), (3, 12, 5, 4)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2), (1, 1, 2, 1), (2, 5, 1, 3), (3, 12, 5, 4)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_values_and_gradient_equal_the_loop_reference(shape, ties):
     rng = np.random.default_rng(sum(shape) + ties)
     x = rng.standard_normal(shape).astype(np.float32)
-    if ties:  # few distinct values, zeros as after a ReLU, and -inf
+    if ties:  # few distinct values, zeros as after a ReLU, and one -inf pixel
         x = np.maximum(np.round(x * 1.5), 0).astype(np.float32)
         x.flat[0] = -np.inf
     ho, wo = (shape[1] - 1) // 2 + 1, (shape[2] - 1) // 2 + 1
@@ -55,6 +55,33 @@ def test_values_and_gradient_equal_the_loop_reference(shape, ties):
     # XLA's own select-and-scatter (the GPU / TPU lowering) gives the same gradient
     xla = jax.jit(pooling._select_and_scatter_grad)(x, y, g)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(dx), rtol=1e-6, atol=1e-6)
+
+
+def test_forward_mode_and_half_precision():
+    rng = np.random.default_rng(7)
+    x = np.maximum(np.round(rng.standard_normal((2, 10, 9, 3)) * 2), 0).astype(np.float32)
+    t = rng.standard_normal(x.shape).astype(np.float32)
+    y, ty = jax.jvp(pooling.max_pool_3x3_s2, (x,), (t,))  # forward mode works (a custom JVP)
+    _, ty_xla = jax.jvp(pooling._max_pool_xla, (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(ty), np.asarray(ty_xla))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    _, dx_ref = reference(x, g)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        _, dx = jax.jit(_value_and_grad)(jnp.asarray(x, dtype), jnp.asarray(g, dtype))
+        assert dx.dtype == dtype
+        assert ((np.asarray(dx, np.float32) != 0) == (dx_ref != 0)).all()  # the same pixels
+        np.testing.assert_allclose(np.asarray(dx, np.float32), dx_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_a_nan_window_sends_its_gradient_to_its_first_nan():
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 0, 0, 0] = x[0, 3, 3, 0] = np.nan  # in windows (0, 0) and (1, 1) only
+    g = np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1)
+    y, dx = jax.jit(_value_and_grad)(x, g)
+    np.testing.assert_array_equal(np.isnan(np.asarray(y))[0, :, :, 0], [[True, False], [False, True]])
+    dx = np.asarray(dx)[0, :, :, 0]
+    # NaN windows: their NaN; zero windows: their first real pixel (row-major, padding never wins)
+    assert dx[0, 0] == 1 and dx[3, 3] == 4 and dx[0, 1] == 2 and dx[1, 0] == 3 and dx.sum() == 10
 
 
 def test_gradient_equals_torch_max_pool2d():
@@ -76,7 +103,7 @@ def _grad_fn(x):
 
 def test_the_backward_lowering_is_chosen_by_backend():
     x = jnp.zeros((2, 16, 16, 4))
-    cpu = jax.jit(_grad_fn).lower(x).compile().as_text()
+    cpu = jax.jit(_grad_fn).trace(x).lower(lowering_platforms=("cpu",)).compile().as_text()
     assert "select-and-scatter" not in cpu and " scatter(" not in cpu and "conditional" not in cpu
     for platform in ("cuda", "tpu"):
         text = jax.jit(_grad_fn).trace(x).lower(lowering_platforms=(platform,)).as_text()

@@ -201,33 +201,41 @@ def quiet_failed_reads(directory):
     each of their futures ("Future exception was never retrieved", hundreds of lines of TensorStore
     specs) whenever they are garbage-collected -- possibly long after the restore returned. The first
     error is the one that matters and is raised. A filter on asyncio's logger drops exactly those
-    records whose exception names a file under `directory` (a checkpoint folder whose read failed);
-    it stays installed, since the late ones come when they come. Nothing else of asyncio's is hidden."""
+    records whose exception is a TensorStore *read* error naming a file under `directory` (a
+    checkpoint folder whose read failed); it stays installed, since the late ones come when they come
+    (also after the step was moved aside and is saved anew: an error writing it still shows).
+    Nothing else of asyncio's is hidden."""
     try:
         yield
-    except BaseException:
-        _ABANDONED_READ_DIRS.update(_path_forms(directory))
-        _install_abandoned_read_filter()
+    except Exception:
+        global _ABANDONED_READ_DIRS
+        _ABANDONED_READ_DIRS = _ABANDONED_READ_DIRS | frozenset(_path_forms(directory))  # replaced, never mutated:
+        _install_abandoned_read_filter()  # the filter may run on another thread meanwhile
         gc.collect()
         raise
 
 
-_ABANDONED_READ_DIRS: set[str] = set()
+_ABANDONED_READ_DIRS: frozenset[str] = frozenset()
 _NEVER_RETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+_READ_ERRORS = ("Error reading", "Error opening")  # TensorStore's wording for a failed read / open
 
 
 def _path_forms(directory) -> list[str]:
-    """How TensorStore may spell `directory` in its messages: as given, and without a URL scheme."""
+    """How TensorStore spells `directory` in its messages: absolute, or the URL with and without its scheme."""
     text = os.fspath(directory).rstrip("/")
-    return [text, text.split("://", 1)[1]] if "://" in text else [text, os.path.abspath(text)]
+    return [text, text.split("://", 1)[1]] if "://" in text else [os.path.abspath(text)]
 
 
 class _AbandonedReadFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.exc_info and str(record.msg).startswith(_NEVER_RETRIEVED)):
+        dirs = _ABANDONED_READ_DIRS
+        if not (dirs and record.exc_info and str(record.msg).startswith(_NEVER_RETRIEVED)):
             return True
         text = str(record.exc_info[1])
-        return not any(d + "/" in text for d in _ABANDONED_READ_DIRS)
+        if not any(r in text for r in _READ_ERRORS):
+            return True
+        # the folder itself, not one whose path merely ends the same way ("/x/otherrun/checkpoints/6/")
+        return not any(re.search(r'(?:^|["\s]|://)' + re.escape(d) + "/", text) for d in dirs)
 
 
 def _install_abandoned_read_filter() -> None:
