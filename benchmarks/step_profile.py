@@ -102,20 +102,14 @@ def dot_flops(ins: dict, instrs: dict) -> float:
     return 2.0 * out * k
 
 
-_KERNEL_SHAPES: dict[int, set] = {}
-
-
 def kernel_shapes(instrs: dict) -> set:
     """Sorted shapes of the step's convolution kernels (4-D entry parameters named ...kernel...)."""
-    key = id(instrs)
-    if key not in _KERNEL_SHAPES:
-        _KERNEL_SHAPES[key] = {tuple(sorted(i["shape"])) for n, i in instrs.items()
-                               if i["opcode"] == "parameter" and "kernel" in n and len(i["shape"]) == 4}
-    return _KERNEL_SHAPES[key]
+    return {tuple(sorted(i["shape"])) for n, i in instrs.items()
+            if i["opcode"] == "parameter" and "kernel" in n and len(i["shape"]) == 4}
 
 
-def classify(name: str, instrs: dict, comps: dict) -> tuple[str, float]:
-    """(group, FLOPs) of one executed instruction; fusions are looked into."""
+def classify(name: str, instrs: dict, comps: dict, kernels: set) -> tuple[str, float]:
+    """(group, FLOPs) of one executed instruction; fusions are looked into. `kernels`: `kernel_shapes`."""
     ins = instrs[name]
     inner = [ins]
     if ins["opcode"] in ("fusion", "call", "custom-call"):
@@ -127,7 +121,7 @@ def classify(name: str, instrs: dict, comps: dict) -> tuple[str, float]:
         c = convs[0]
         flops = sum(conv_flops(i, instrs) for i in convs)
         # a kernel's gradient is a convolution whose output holds a kernel's elements (any order)
-        if tuple(sorted(c["shape"])) in kernel_shapes(instrs):
+        if tuple(sorted(c["shape"])) in kernels:
             return "conv weight-grad", flops
         return ("conv input-grad" if "transpose(" in c["line"] else "conv forward"), flops
     dots = [i for i in inner if i["opcode"] == "dot"]
@@ -209,49 +203,30 @@ def main(argv=None):
 
     import jax
 
-    from cxrjax.data import pipeline
-    from cxrjax.train import contrastive as ct
-    from cxrjax.train import mesh as mesh_lib
-
-    config = train_bench.cxrjax_config(bench_args, args.size)
-    mesh = ct.make_mesh(config)
-    setup = ct.build_training(config, mesh, config.total_steps)
-    state, train_step = setup.state, setup.train_step
-    batch = jax.device_put(train_bench.make_batch(args.batch, args.size),
-                           pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES))
-    from cxrjax.models import pooling
-
-    chosen = pooling.max_pool_3x3_s2
-    if args.xla_pool:
-        pooling.max_pool_3x3_s2 = pooling._max_pool_xla
-    try:
-        compiled = train_step.lower(state, batch).compile()  # the model is traced here
-    finally:
-        pooling.max_pool_3x3_s2 = chosen
+    compiled, state, batch, _ = train_bench.compile_cxrjax_step(bench_args, args.size, args.xla_pool)
     instrs, comps = parse_hlo(compiled.as_text())
+    kernels = kernel_shapes(instrs)
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics["loss"])
 
-    log_dir = tempfile.mkdtemp(prefix="cxrjax-step-profile-")
     walls = []
-    with jax.profiler.trace(log_dir, create_perfetto_trace=False):
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics["loss"])
-            walls.append(time.perf_counter() - t)
-    events = thunk_durations(trace_events(log_dir), instrs)
+    with tempfile.TemporaryDirectory(prefix="cxrjax-step-profile-") as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=False):
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics["loss"])
+                walls.append(time.perf_counter() - t)
+        events = thunk_durations(trace_events(log_dir), instrs)
     shared_time(events)
     per_group = collections.defaultdict(lambda: [0.0, 0.0])  # group -> [us, flops]
     per_instr = collections.defaultdict(float)
-    counted = collections.Counter()
     for e in events:
-        group, flops = classify(e["name"], instrs, comps)
+        group, flops = classify(e["name"], instrs, comps, kernels)
         per_group[group][0] += e["dur"]
         per_group[group][1] += flops
         per_instr[e["name"]] += e["dur"]
-        counted[e["name"]] += 1
     n = args.steps
     wall = statistics.median(walls)
     total = sum(us for us, _ in per_group.values()) / n / 1e3
@@ -259,7 +234,7 @@ def main(argv=None):
           f"{', XLA max-pool gradient' if args.xla_pool else ''}; {n} traced steps; "
           f"XLA_FLAGS={flags!r}")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; wall {wall * 1e3:.0f} ms/step (median), "
-          f"instructions busy {total:.0f} ms/step, {len(counted)} distinct executed")
+          f"instructions busy {total:.0f} ms/step, {len(per_instr)} distinct executed")
     print(f"{'group':48s} {'ms/step':>9} {'share':>7} {'GFLOP/step':>11} {'GFLOP/s':>8}")
     for group, (us, flops) in sorted(per_group.items(), key=lambda kv: -kv[1][0]):
         ms = us / n / 1e3
@@ -269,7 +244,7 @@ def main(argv=None):
     if args.top:
         print(f"\nslowest {args.top} instructions (ms/step, group, shape):")
         for name, us in sorted(per_instr.items(), key=lambda kv: -kv[1])[:args.top]:
-            group, flops = classify(name, instrs, comps)
+            group, flops = classify(name, instrs, comps, kernels)
             ins = instrs[name]
             print(f"  {us / n / 1e3:8.1f}  {group:32s} {name:40s} {ins['opcode']:12s} {list(ins['shape'])}"
                   + (f"  {flops / 1e9 / (us / n / 1e6):.1f} GFLOP/s" if flops else ""))

@@ -150,22 +150,19 @@ def cxrjax_config(args, size: int):
     return c
 
 
-def cxrjax_step(args, size: int, xla_pool: bool = False):
-    """(step, info): one call runs the trainer's compiled step on the fixed batch and blocks.
+def compile_cxrjax_step(args, size: int, xla_pool: bool = False):
+    """(compiled step, state, batch, compile seconds): the trainer's step, compiled ahead of time.
     `xla_pool`: the stem max-pool differentiated by XLA (select-and-scatter) instead of cxrjax's CPU lowering."""
     import jax
 
-    from cxrjax.models import pooling
-
     from cxrjax.data import pipeline
+    from cxrjax.models import pooling
     from cxrjax.train import contrastive as ct
     from cxrjax.train import mesh as mesh_lib
 
     config = cxrjax_config(args, size)
     mesh = ct.make_mesh(config)
     setup = ct.build_training(config, mesh, config.total_steps)  # exactly the trainer's state and step
-    state, train_step = setup.state, setup.train_step
-    del setup
     batch_sharding = pipeline.batch_sharding(mesh, mesh_lib.BATCH_AXES)  # as the trainer's iterator
     batch = jax.device_put(make_batch(args.batch, size), batch_sharding)
 
@@ -174,11 +171,22 @@ def cxrjax_step(args, size: int, xla_pool: bool = False):
     if xla_pool:
         pooling.max_pool_3x3_s2 = pooling._max_pool_xla  # autodiff of reduce-window: select-and-scatter
     try:
-        compiled = train_step.lower(state, batch).compile()  # the model is traced here
+        compiled = setup.train_step.lower(setup.state, batch).compile()  # the model is traced here
     finally:
         pooling.max_pool_3x3_s2 = chosen
-    info = {"side": "cxrjax" + (", XLA pool" if xla_pool else ""), "size": size, "batch": args.batch, "compile_s": time.perf_counter() - t,
-            "gflop_per_step": ct._flops(compiled) / 1e9, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return compiled, setup.state, batch, time.perf_counter() - t
+
+
+def cxrjax_step(args, size: int, xla_pool: bool = False):
+    """(step, info): one call runs the trainer's compiled step on the fixed batch and blocks."""
+    import jax
+
+    from cxrjax.train import contrastive as ct
+
+    compiled, state, batch, compile_s = compile_cxrjax_step(args, size, xla_pool)
+    info = {"side": "cxrjax" + (", XLA pool" if xla_pool else ""), "size": size, "batch": args.batch,
+            "compile_s": compile_s, "gflop_per_step": ct._flops(compiled) / 1e9,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     holder = {"state": state}
 
     def step():

@@ -196,8 +196,7 @@ def _partial_restore(workdir: Path, step: int, target: dict, what: str) -> dict:
     steps = sorted(int(s.name) for s in (workdir / "checkpoints").iterdir() if s.name.isdigit())
     others = [s for s in steps if s != step]
     step_dir = workdir / "checkpoints" / str(step)
-    ckpt_lib.ignore_late_read_callbacks()  # abandoned reads of a damaged step: no "Event loop is closed" noise
-    try:
+    try:  # quiet_failed_reads: abandoned reads of a damaged step make no noise
         with ckpt_lib.quiet_failed_reads(step_dir), ocp.CheckpointManager(workdir / "checkpoints") as manager:
             state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
             jax.block_until_ready(state)

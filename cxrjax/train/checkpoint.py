@@ -117,9 +117,6 @@ class Checkpointer:
 
         Raises DamagedCheckpointError if the step's files cannot be read, CheckpointError if they
         do not fit this config."""
-        # Installed before the read: a damaged file's abandoned sibling reads can call back as soon as
-        # Orbax's loop closes, before the except clause below runs.
-        ignore_late_read_callbacks()
         try:
             with quiet_failed_reads(self.directory / str(step)):
                 restored = self.manager.restore(
@@ -204,7 +201,10 @@ def quiet_failed_reads(directory):
     records whose exception is a TensorStore *read* error naming a file under `directory` (a
     checkpoint folder whose read failed); it stays installed, since the late ones come when they come
     (also after the step was moved aside and is saved anew: an error writing it still shows).
-    Nothing else of asyncio's is hidden."""
+    Nothing else of asyncio's is hidden. Also installs `ignore_late_read_callbacks` -- before the
+    read: a damaged file's abandoned sibling reads can call back as soon as Orbax's loop closes,
+    before any except clause runs."""
+    ignore_late_read_callbacks()
     try:
         yield
     except Exception:
