@@ -1,9 +1,11 @@
 """ResNet-18's pieces alone on this CPU: each 3x3 convolution shape forward / input-gradient / kernel-
-gradient in XLA vs PyTorch, and the stem max-pool's gradient (XLA's select-and-scatter vs cxrjax's CPU
-lowering). What benchmarks/step_profile.py attributes to whole groups, measured one piece at a time.
+gradient in XLA vs PyTorch, the stem max-pool's gradient (XLA's select-and-scatter vs cxrjax's CPU
+lowering) and, with --matmul, every convolution as XLA's vs as cxrjax's CPU matmul (cxrjax/models/conv.py).
+What benchmarks/step_profile.py attributes to whole groups, measured one piece at a time.
 
     python benchmarks/conv_bench.py                 # batch 16, ResNet-18's 4 stage shapes at 224 px (~1 min)
     python benchmarks/conv_bench.py --size=128
+    python benchmarks/conv_bench.py --matmul --stages=0 --skip=torch --size=64  # convolution vs matmul lowering
 
 XLA runs under the trainer's flags (train_bench.DEFAULT_FLAGS); torch (optional) with the same number of
 threads, channels_last and NCHW (torch has no separate input/kernel-gradient timing here: its row is
@@ -20,7 +22,7 @@ import time
 
 import train_bench  # benchmarks/ is this script's folder
 
-SMOKE_ARGS = ["--size=32", "--batch=2", "--repeats=1", "--stages=1"]  # tests/test_benchmarks.py
+SMOKE_ARGS = ["--size=32", "--batch=2", "--repeats=1", "--stages=1", "--matmul"]  # tests/test_benchmarks.py
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -94,6 +96,58 @@ def pool_rows(batch, side, repeats):
     return out
 
 
+def resnet_convs(size: int) -> list[tuple[str, int, int, int, int, int]]:
+    """(name, input side, Cin, Cout, kernel, stride) of every distinct convolution of ResNet-18 (width 64)
+    at `size` px, then ResNet-50's 1x1 convolutions (stride 1; their stride-2 downsample is ResNet-18's shape
+    with 4x the channels)."""
+    rows = []
+    for stage in range(4):
+        side, c = size // (4 * 2 ** stage), 64 * 2 ** stage
+        if stage:
+            rows.append((f"r18 layer{stage + 1}.0.conv1 3x3/2", 2 * side, c // 2, c, 3, 2))
+            rows.append((f"r18 layer{stage + 1}.0.downsample 1x1/2", 2 * side, c // 2, c, 1, 2))
+        rows.append((f"r18 layer{stage + 1} 3x3", side, c, c, 3, 1))
+    for stage in range(4):
+        side, c = size // (4 * 2 ** stage), 64 * 2 ** stage
+        rows.append((f"r50 layer{stage + 1} 1x1 in", side, 4 * c, c, 1, 1))
+        rows.append((f"r50 layer{stage + 1} 1x1 out", side, c, 4 * c, 1, 1))
+    return rows
+
+
+def matmul_rows(batch: int, size: int, repeats: int) -> None:
+    """Each convolution as XLA's convolution and as cxrjax's CPU matmul lowering (cxrjax/models/conv.py):
+    forward, and forward + both gradients; which one the trainer uses on the CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from cxrjax.models import conv as conv_lib
+
+    print(f"\nconvolutions as XLA convolutions vs as slices + matmul, {size} px, batch {batch}, ms "
+          f"(chosen = what cxrjax.models.conv uses on the CPU)")
+    print(f"{'convolution':34s} {'(B,H,W,Cin)->Cout':>24} {'conv fwd':>9} {'matmul':>8} {'conv f+b':>9} {'matmul':>8} "
+          f"{'ratio f+b':>10}  chosen")
+    for name, side, cin, cout, k, stride in resnet_convs(size):
+        pad = ((k - 1) // 2,) * 2
+        x = jax.random.normal(jax.random.key(0), (batch, side, side, cin))
+        w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
+        lowerings = {
+            "conv": lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), (pad, pad),
+                                                              dimension_numbers=("NHWC", "HWIO", "NHWC")),
+            "matmul": lambda x, w: conv_lib._conv_as_matmul(x, w, strides=(stride, stride), padding=(pad, pad),
+                                                           precision=None, preferred_element_type=None),
+        }
+        ms = {}
+        for lowering, fn in lowerings.items():
+            both = jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1))
+            for part, f in (("fwd", fn), ("f+b", both)):
+                compiled = jax.jit(f).lower(x, w).compile()
+                ms[lowering, part] = median_ms(lambda: jax.block_until_ready(compiled(x, w)), repeats)
+        chosen = "matmul" if conv_lib.cpu_matmul_applies(x.shape, w.shape, (stride, stride), (pad, pad)) else "conv"
+        print(f"{name:34s} {str((batch, side, side, cin)) + '->' + str(cout):>24} {ms['conv', 'fwd']:9.2f} "
+              f"{ms['matmul', 'fwd']:8.2f} {ms['conv', 'f+b']:9.2f} {ms['matmul', 'f+b']:8.2f} "
+              f"{ms['conv', 'f+b'] / ms['matmul', 'f+b']:9.2f}x  {chosen}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=224, help="image side: stage sides are size/4 .. size/32")
@@ -102,6 +156,9 @@ def main(argv=None):
     p.add_argument("--stages", type=int, default=4, help="how many of ResNet-18's 4 stages")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip", default="", help="torch: XLA only")
+    p.add_argument("--matmul", action="store_true",
+                   help="then every ResNet-18 (and ResNet-50 1x1) convolution at --size as XLA's convolution vs "
+                        "cxrjax's CPU matmul lowering, and which one cxrjax uses (--stages=0 --skip=torch: that alone)")
     p.add_argument("--flags", default=train_bench.DEFAULT_FLAGS, choices=sorted(train_bench.FLAG_SETS),
                    help="named XLA flag set (benchmarks/train_bench.py), e.g. none = jaxlib's YNNPACK convolutions")
     args = p.parse_args(argv)
@@ -134,6 +191,8 @@ def main(argv=None):
     pools = pool_rows(args.batch, side, args.repeats)
     print(f"stem max-pool 3x3/2 gradient, input {(args.batch, side, side, 64)}: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in pools.items()))
+    if args.matmul:
+        matmul_rows(args.batch, args.size, args.repeats)
     return 0
 
 

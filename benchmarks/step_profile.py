@@ -41,7 +41,7 @@ import time
 
 import train_bench  # benchmarks/ is this script's folder: the same step and batch as the throughput benchmark
 
-SMOKE_ARGS = ["--size=32", "--batch=4", "--steps=1", "--top=3", "--xla_pool"]  # tests/test_benchmarks.py: seconds of work
+SMOKE_ARGS = ["--size=32", "--batch=4", "--steps=1", "--top=3", "--xla_pool", "--xla_conv"]  # tests/test_benchmarks.py: seconds of work
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{[^}]*\})? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -196,6 +196,8 @@ def main(argv=None):
     p.add_argument("--xla_pool", action="store_true",
                    help="the stem max-pool's gradient left to XLA (select-and-scatter): the step before "
                         "cxrjax/models/pooling.py")
+    p.add_argument("--xla_conv", action="store_true",
+                   help="every convolution left to XLA: the step before cxrjax/models/conv.py")
     args = p.parse_args(argv)
     bench_args = train_bench.parse_args([f"--batch={args.batch}", f"--flags={args.flags}",
                                          f"--xla_flags={args.xla_flags}"])
@@ -203,7 +205,7 @@ def main(argv=None):
 
     import jax
 
-    compiled, state, batch, _ = train_bench.compile_cxrjax_step(bench_args, args.size, args.xla_pool)
+    compiled, state, batch, _ = train_bench.compile_cxrjax_step(bench_args, args.size, args.xla_pool, args.xla_conv)
     instrs, comps = parse_hlo(compiled.as_text())
     kernels = kernel_shapes(instrs)
     for _ in range(2):
@@ -231,7 +233,8 @@ def main(argv=None):
     wall = statistics.median(walls)
     total = sum(us for us, _ in per_group.values()) / n / 1e3
     print(f"MoCo step, ResNet-18 width 64, batch {args.batch}, {args.size} px, float32"
-          f"{', XLA max-pool gradient' if args.xla_pool else ''}; {n} traced steps; "
+          f"{', XLA max-pool gradient' if args.xla_pool else ''}{', XLA convolutions' if args.xla_conv else ''}; "
+          f"{n} traced steps; "
           f"XLA_FLAGS={flags!r}")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; wall {wall * 1e3:.0f} ms/step (median), "
           f"instructions busy {total:.0f} ms/step, {len(per_instr)} distinct executed")

@@ -86,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--xla_pool", action="store_true",
                    help="also time cxrjax with the stem max-pool's gradient left to XLA (select-and-scatter; "
                         "cxrjax lowers it otherwise on the CPU, see cxrjax/models/pooling.py)")
+    p.add_argument("--xla_conv", action="store_true",
+                   help="also time cxrjax with every convolution left to XLA (cxrjax computes some as matmuls "
+                        "on the CPU, see cxrjax/models/conv.py)")
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     return p.parse_args(argv)
 
@@ -150,12 +153,17 @@ def cxrjax_config(args, size: int):
     return c
 
 
-def compile_cxrjax_step(args, size: int, xla_pool: bool = False):
+def compile_cxrjax_step(args, size: int, xla_pool: bool = False, xla_conv: bool = False):
     """(compiled step, state, batch, compile seconds): the trainer's step, compiled ahead of time.
-    `xla_pool`: the stem max-pool differentiated by XLA (select-and-scatter) instead of cxrjax's CPU lowering."""
+    `xla_pool`: the stem max-pool differentiated by XLA (select-and-scatter) instead of cxrjax's CPU lowering.
+    `xla_conv`: every convolution XLA's, none lowered as a matmul on the CPU (cxrjax/models/conv.py)."""
+    import contextlib
+    from unittest import mock
+
     import jax
 
     from cxrjax.data import pipeline
+    from cxrjax.models import conv as conv_lib
     from cxrjax.models import pooling
     from cxrjax.train import contrastive as ct
     from cxrjax.train import mesh as mesh_lib
@@ -167,24 +175,24 @@ def compile_cxrjax_step(args, size: int, xla_pool: bool = False):
     batch = jax.device_put(make_batch(args.batch, size), batch_sharding)
 
     t = time.perf_counter()
-    chosen = pooling.max_pool_3x3_s2
-    if xla_pool:
-        pooling.max_pool_3x3_s2 = pooling._max_pool_xla  # autodiff of reduce-window: select-and-scatter
-    try:
-        compiled = setup.train_step.lower(setup.state, batch).compile()  # the model is traced here
-    finally:
-        pooling.max_pool_3x3_s2 = chosen
+    with contextlib.ExitStack() as patches:  # the model is traced by lower(): the patches hold only then
+        if xla_pool:  # autodiff of reduce-window: select-and-scatter
+            patches.enter_context(mock.patch.object(pooling, "max_pool_3x3_s2", pooling._max_pool_xla))
+        if xla_conv:
+            patches.enter_context(mock.patch.object(conv_lib, "cpu_matmul_applies", lambda *a: False))
+        compiled = setup.train_step.lower(setup.state, batch).compile()
     return compiled, setup.state, batch, time.perf_counter() - t
 
 
-def cxrjax_step(args, size: int, xla_pool: bool = False):
+def cxrjax_step(args, size: int, xla_pool: bool = False, xla_conv: bool = False):
     """(step, info): one call runs the trainer's compiled step on the fixed batch and blocks."""
     import jax
 
     from cxrjax.train import contrastive as ct
 
-    compiled, state, batch, compile_s = compile_cxrjax_step(args, size, xla_pool)
-    info = {"side": "cxrjax" + (", XLA pool" if xla_pool else ""), "size": size, "batch": args.batch,
+    compiled, state, batch, compile_s = compile_cxrjax_step(args, size, xla_pool, xla_conv)
+    info = {"side": "cxrjax" + (", XLA pool" if xla_pool else "") + (", XLA conv" if xla_conv else ""),
+            "size": size, "batch": args.batch,
             "compile_s": compile_s, "gflop_per_step": ct._flops(compiled) / 1e9,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     holder = {"state": state}
@@ -406,6 +414,8 @@ def main(argv=None):
             steps["cxrjax"], infos["cxrjax"] = cxrjax_step(args, size)
             if args.xla_pool:
                 steps["cxrjax, XLA pool"], infos["cxrjax, XLA pool"] = cxrjax_step(args, size, xla_pool=True)
+            if args.xla_conv:
+                steps["cxrjax, XLA conv"], infos["cxrjax, XLA conv"] = cxrjax_step(args, size, xla_conv=True)
         if "torch" not in skip:
             for layout, bn in variants:
                 name = f"torch {layout}/{bn}"
@@ -430,6 +440,9 @@ def main(argv=None):
         if "cxrjax, XLA pool" in results and "cxrjax" in results:
             log(f"  cxrjax with its CPU max-pool gradient / with XLA's: "
                 f"{results['cxrjax']['img_per_s'] / results['cxrjax, XLA pool']['img_per_s']:.2f}x")
+        if "cxrjax, XLA conv" in results and "cxrjax" in results:
+            log(f"  cxrjax with its CPU matmul convolutions / with XLA's: "
+                f"{results['cxrjax']['img_per_s'] / results['cxrjax, XLA conv']['img_per_s']:.2f}x")
         if torch_rows:
             row["torch"] = max(torch_rows, key=lambda r: r["img_per_s"])
         del steps, infos

@@ -26,7 +26,7 @@ TINY_ARGS = {
                           "--variants=png:host,raw:host,raw:device,raw:device:hostonly",
                           "--train", "--train_batch=2", "--train_steps=1", "--train_where=device"],
     "train_bench.py": ["--sizes=32", "--steps=1", "--warmup=0", "--batch=4", "--queue=8", "--groups=2",
-                       "--threads=1", "--torch_layout=nchw", "--torch_bn=split", "--xla_pool"],
+                       "--threads=1", "--torch_layout=nchw", "--torch_bn=split", "--xla_pool", "--xla_conv"],
     "scaling_bench.py": ["--part=devices", "--devices=1,2", "--batch=4", "--steps=1", "--warmup=0"],
     "hlo_report.py": ["--devices=8", "--tiny"],
     "pair_stats.py": ["--rows=2000", "--queries=200", "--epochs=5"],

@@ -14,11 +14,13 @@ What is asserted, per device, for a ResNet-18 (width 8) MoCo step with global ba
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import jax
 import pytest
 
 from configs import moco_patient
+from cxrjax.models import conv as conv_lib
 from cxrjax.train import contrastive as ct
 from cxrjax.train import hlo_stats
 from cxrjax.train import mesh as mesh_lib
@@ -36,11 +38,16 @@ def _config(groups: int, where: str, hard: int = 0):
     return c
 
 
-def _report(config, image_size):
+def _report(config, image_size, cpu_matmuls: bool = False):
+    """The step's per-device program. `cpu_matmuls=False`: every convolution left an XLA convolution, the
+    program a GPU / TPU compiles (on the CPU, models/conv.py computes some as matmuls; see the last test)."""
     mesh = ct.make_mesh(config)
     setup = ct.build_training(config, mesh, total_steps=100, materialize=False)
     state = mesh_lib.with_shardings(setup.abstract, setup.state_sharding)
-    return hlo_stats.step_report(setup.train_step.lower(state, ct.abstract_batch(config, mesh, image_size)))
+    with mock.patch.object(conv_lib, "cpu_matmul_applies", conv_lib.cpu_matmul_applies if cpu_matmuls
+                           else (lambda *a: False)):
+        lowered = setup.train_step.lower(state, ct.abstract_batch(config, mesh, image_size))
+    return hlo_stats.step_report(lowered)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +133,19 @@ def test_the_masked_vision_language_step_splits_its_work():
     param_bytes = sum(4 * math.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))
     reduced = sum(x.bytes for x in eight.collectives if x.kind == "all-reduce")
     assert param_bytes <= reduced < 1.01 * param_bytes + 4096, (reduced, param_bytes)
+
+
+def test_the_cpu_matmul_convolutions_also_run_on_their_share():
+    """On the CPU, layer 3 (2x2 maps at 32 px), layer 4 (1x1) and the 1x1 downsamples are matmuls over
+    im2col patches (models/conv.py): their rows are each device's 2 examples x the output positions."""
+    report = _report(_config(groups=1, where="device"), 40, cpu_matmuls=True)
+    kernels = {(k * k * cin, cout) for cin, cout in ((8, 8), (8, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64))
+               for k in (1, 3)}
+    forward = [c for c in report.contractions
+               if c.kind == "dot" and len(c.lhs.dims) == 2 and tuple(c.rhs.dims) in kernels
+               and c.lhs.dims[1] == c.rhs.dims[0]]
+    rows = {c.lhs.dims[0] for c in forward}
+    # 2 examples x (layer 2's 4x4 downsample, layer 3's 2x2, layer 4's 1x1 output positions); the whole
+    # batch would be 16 x the same
+    assert rows == {B // N * 16, B // N * 4, B // N * 1}, rows
+    assert len(report.convolutions) < 79  # the rest are still convolutions, checked above on their share

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cxrjax.models import conv as conv_lib
 from cxrjax.models import pooling
 
 Dtype = Any
@@ -86,6 +87,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs, dtype, param
     pad = (k - 1) // 2  # torchvision: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0 (explicit, not "SAME")
     return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                     use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=_conv_init,
+                    conv_general_dilated=conv_lib.conv_general_dilated,  # XLA's; a matmul for some CPU shapes
                     rngs=rngs)
 
 
