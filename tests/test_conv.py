@@ -139,3 +139,9 @@ def test_resnet18_at_64px_leaves_only_its_large_maps_to_xla_convolutions_on_the_
     assert not any("512" in line or "size=1x1" in line for line in convs)
     layer3 = [line for line in convs if "f32[2,4,4,256]" in line]
     assert layer3 and all("stride=2x2" in line for line in layer3)
+
+
+def test_an_empty_output_and_list_dilations_stay_xla_convolutions():
+    y = conv_lib.conv_general_dilated(jnp.ones((2, 2, 2, 3)), jnp.ones((3, 3, 3, 4)), (2, 2), ((0, 0), (0, 0)),
+                                      rhs_dilation=[1, 1], dimension_numbers=NHWC)
+    assert y.shape == (2, 0, 0, 4)

@@ -50,7 +50,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type,
         out_sharding=out_sharding)
     plain = (out_sharding is None and feature_group_count == 1 and batch_group_count == 1
-             and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+             and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
              and not isinstance(padding, str) and lhs.ndim == 4 and rhs.ndim == 4
              and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers))
     if not (plain and cpu_matmul_applies(lhs.shape, rhs.shape, window_strides, padding)):
@@ -71,7 +71,7 @@ def cpu_matmul_applies(lhs_shape, rhs_shape, strides, padding) -> bool:
     positions = 1
     for size, k, s, (lo, hi) in zip(lhs_shape[1:3], (kh, kw), strides, padding):
         positions *= max(0, (size + lo + hi - k) // s + 1)
-    return positions <= SMALL_MAP or (positions <= WIDE_MAP and cin >= WIDE_CHANNELS)
+    return 0 < positions and (positions <= SMALL_MAP or (positions <= WIDE_MAP and cin >= WIDE_CHANNELS))
 
 
 def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:
