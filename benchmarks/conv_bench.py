@@ -158,7 +158,7 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="torch: XLA only")
     p.add_argument("--matmul", action="store_true",
                    help="then every ResNet-18 (and ResNet-50 1x1) convolution at --size as XLA's convolution vs "
-                        "cxrjax's CPU matmul lowering, and which one cxrjax uses (--stages=0 --skip=torch: that alone)")
+                        "cxrjax's CPU matmul lowering, and which one cxrjax uses (--stages=0 --skip=torch: that and the pool row)")
     p.add_argument("--flags", default=train_bench.DEFAULT_FLAGS, choices=sorted(train_bench.FLAG_SETS),
                    help="named XLA flag set (benchmarks/train_bench.py), e.g. none = jaxlib's YNNPACK convolutions")
     args = p.parse_args(argv)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from cxrjax.models import conv as conv_lib
 from cxrjax.models import resnet
@@ -107,8 +108,8 @@ def test_the_lowering_is_chosen_by_backend():
 
 
 def test_other_layouts_dilations_groups_and_string_padding_stay_xla_convolutions():
-    x = jnp.ones((2, 3, 4, 4))  # NCHW
-    w = jnp.ones((4, 3, 1, 1))  # OIHW, 1x1: would be a matmul in NHWC
+    x = jnp.ones((2, 1, 4, 4))  # NCHW
+    w = jnp.ones((1, 1, 1, 1))  # OIHW; read as HWIO it is a 1x1 kernel: only the layout check keeps it XLA's
     cases = [
         lambda: conv_lib.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0))),  # lax's default NCHW / OIHW
         lambda: conv_lib.conv_general_dilated(jnp.ones((2, 4, 4, 4)), jnp.ones((1, 1, 2, 4)), (1, 1),
@@ -136,6 +137,7 @@ def test_resnet18_at_64px_leaves_only_its_large_maps_to_xla_convolutions_on_the_
     # layer 3's stride-2 entry (8x8x128 -> 4x4x256). Matmuls: layer 3's 4x4x256 convolutions, layer 4 (2x2
     # maps, 512 channels) and every 1x1 (the downsamples).
     assert any("f32[2,32,32,64]" in line and "size=7x7" in line for line in convs)  # the stem
+    assert " dot(" in text  # ... and the rest became matmuls
     assert not any("512" in line or "size=1x1" in line for line in convs)
     layer3 = [line for line in convs if "f32[2,4,4,256]" in line]
     assert layer3 and all("stride=2x2" in line for line in layer3)
@@ -145,3 +147,27 @@ def test_an_empty_output_and_list_dilations_stay_xla_convolutions():
     y = conv_lib.conv_general_dilated(jnp.ones((2, 2, 2, 3)), jnp.ones((3, 3, 3, 4)), (2, 2), ((0, 0), (0, 0)),
                                       rhs_dilation=[1, 1], dimension_numbers=NHWC)
     assert y.shape == (2, 0, 0, 4)
+
+
+def test_asymmetric_padding_rectangular_kernels_and_strides_equal_xla_convolutions():
+    """Top/bottom, left/right, kh/kw and the two strides each differ (a swap of any pair would show);
+    the reference is XLA's own convolution at full precision."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
+    w = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+    strides, padding = (2, 1), ((0, 1), (2, 0))
+    assert conv_lib.cpu_matmul_applies(x.shape, w.shape, strides, padding) is False  # 3 x 7 positions, 3 channels
+    g = rng.standard_normal((2, 3, 7, 4)).astype(np.float32)
+
+    def value_and_grads(conv):
+        y, pullback = jax.vjp(lambda x, w: conv(x, w, strides, padding, dimension_numbers=NHWC,
+                                                precision=lax.Precision.HIGHEST), x, w)
+        return (y,) + pullback(g)
+
+    def as_matmul(x, w, strides, padding, **kw):
+        return conv_lib._conv_as_matmul(x, w, strides=strides, padding=padding, precision=lax.Precision.HIGHEST,
+                                        preferred_element_type=None)
+
+    for got, want in zip(value_and_grads(as_matmul), value_and_grads(lax.conv_general_dilated)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
