@@ -23,18 +23,30 @@ PAD_ID, CLS_ID, SEP_ID, MASK_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 FILENAME = "tokenizer.json"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
-    """A lower-cased WordPiece (BERT normalisation, whitespace + punctuation split) fitted on `texts`."""
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise ValueError("train_tokenizer: no non-empty report text to train on (does the split have reports?)")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+def _pipeline(tok: Tokenizer) -> Tokenizer:
+    """BERT's normalisation (lower-case, accents stripped), whitespace + punctuation split, ## decoding."""
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=True,
                                                 lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+    """A lower-cased WordPiece (BERT normalisation, whitespace + punctuation split) fitted on `texts`;
+    the same texts give the same vocabulary, ids included, in every process."""
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("train_tokenizer: no non-empty report text to train on (does the split have reports?)")
+    tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
+    # Determinism (tokenizers <= 0.22, huggingface/tokenizers#1794): the trainer gives the "##c" continuing
+    # pieces ids in hash-map order, and those ids break ties between merges of equal count, so two runs on
+    # the same reports differed in ~100 of 800 pieces. Registered up front (sorted) they get fixed ids;
+    # the model below is rebuilt from the vocabulary, so they are ordinary pieces afterwards.
+    chars = sorted({c for t in texts for c in tok.normalizer.normalize_str(t) if not c.isspace()})
+    continuing = ["##" + c for c in chars]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+                                        special_tokens=list(SPECIAL_TOKENS) + continuing, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     # Every lower-case ASCII character, word-initial and continuing, is a piece: any ASCII report
     # round-trips without [UNK] (adds at most 2 x 68 entries to the vocabulary).
@@ -42,7 +54,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     for c in string.ascii_lowercase + string.digits + string.punctuation:
         for piece in (c, "##" + c):
             vocab.setdefault(piece, len(vocab))
-    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    tok = _pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     for i, s in enumerate(SPECIAL_TOKENS):  # the trainer puts special tokens first; the model relies on it
         if tok.token_to_id(s) != i:
             raise RuntimeError(f"tokenizers placed {s} at id {tok.token_to_id(s)}, expected {i}")
