@@ -179,7 +179,7 @@ def compile_cxrjax_step(args, size: int, xla_pool: bool = False, xla_conv: bool 
         if xla_pool:  # autodiff of reduce-window: select-and-scatter
             patches.enter_context(mock.patch.object(pooling, "max_pool_3x3_s2", pooling._max_pool_xla))
         if xla_conv:
-            patches.enter_context(mock.patch.object(conv_lib, "cpu_matmul_applies", lambda *a: False))
+            patches.enter_context(conv_lib.xla_convolutions())
         compiled = setup.train_step.lower(setup.state, batch).compile()
     return compiled, setup.state, batch, time.perf_counter() - t
 

@@ -107,6 +107,19 @@ def test_the_lowering_is_chosen_by_backend():
         assert "stablehlo.convolution" in text and "dot_general" not in text, platform
 
 
+def test_xla_convolutions_turns_the_cpu_matmuls_off_while_tracing_and_restores_them():
+    x, w = jnp.zeros((4, 2, 2, 16)), jnp.zeros((3, 3, 16, 16))
+    # a fresh function each time: jax caches the trace of a function it has traced with these shapes
+    cpu_text = lambda: jax.jit(lambda x, w: _grad_fn(x, w)).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+    with pytest.raises(RuntimeError, match="inside"):
+        with conv_lib.xla_convolutions():
+            inside = cpu_text()
+            raise RuntimeError("inside")
+    assert "stablehlo.convolution" in inside and "dot_general" not in inside
+    after = cpu_text()  # restored, also after an exception
+    assert "convolution" not in after and "dot_general" in after
+
+
 def test_other_layouts_dilations_groups_and_string_padding_stay_xla_convolutions():
     x = jnp.ones((2, 1, 4, 4))  # NCHW
     w = jnp.ones((1, 1, 1, 1))  # OIHW; read as HWIO it is a 1x1 kernel: only the layout check keeps it XLA's

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from unittest import mock
 
 import jax
 import pytest
@@ -45,9 +44,7 @@ def _report(config, image_size, cpu_matmuls: bool = False):
     mesh = ct.make_mesh(config)
     setup = ct.build_training(config, mesh, total_steps=100, materialize=False)
     state = mesh_lib.with_shardings(setup.abstract, setup.state_sharding)
-    keep = contextlib.nullcontext() if cpu_matmuls else mock.patch.object(conv_lib, "cpu_matmul_applies",
-                                                                        lambda *a: False)
-    with keep:
+    with contextlib.nullcontext() if cpu_matmuls else conv_lib.xla_convolutions():
         lowered = setup.train_step.lower(state, ct.abstract_batch(config, mesh, image_size))
     return hlo_stats.step_report(lowered)
 

@@ -30,6 +30,7 @@ GFLOP; on the CPU only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax.numpy as jnp
@@ -38,6 +39,21 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 SMALL_MAP = 4  # output positions: k x k convolutions this small are always faster as a matmul on the CPU
 WIDE_MAP, WIDE_CHANNELS = 36, 256  # ... and up to this many with at least this many input channels
+_matmuls_enabled = True  # False inside `xla_convolutions()`
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+    """Within: every convolution traced is XLA's, on the CPU too -- the program GPU/TPU compile, and the
+    A/B baseline of the benchmarks. Acts when a function is traced, not when it runs: jax reuses the
+    trace of a function it already traced with the same shapes, so trace a fresh one (e.g. a new build of
+    the step) inside."""
+    global _matmuls_enabled
+    before, _matmuls_enabled = _matmuls_enabled, False
+    try:
+        yield
+    finally:
+        _matmuls_enabled = before
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -53,7 +69,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
              and not isinstance(padding, str) and lhs.ndim == 4 and rhs.ndim == 4
              and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers))
-    if not (plain and cpu_matmul_applies(lhs.shape, rhs.shape, window_strides, padding)):
+    if not (plain and _matmuls_enabled and cpu_matmul_applies(lhs.shape, rhs.shape, window_strides, padding)):
         return xla(lhs, rhs)
     matmul = functools.partial(_conv_as_matmul, strides=tuple(window_strides),
                                padding=tuple(tuple(p) for p in padding), precision=precision,
