@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from cxrjax.data import augment
 from cxrjax.models import mvlm, vit
 from cxrjax.train import mvlm as train_mvlm
 
@@ -89,6 +90,28 @@ def test_single_modality_passes_equal_joint_passes_with_the_other_modality_absen
     assert none is None
     rows = b["text_valid"].any(1)  # rows with some text (a row without any attends to CLS alone either way)
     np.testing.assert_allclose(np.asarray(txt_only)[rows], np.asarray(txt_joint)[rows], atol=2e-5)
+
+
+def test_image_layer_states_are_the_patch_states_at_every_depth(model):
+    img = jnp.asarray(random_batch(3)["image"])
+    states = model.image_layer_states(img)
+    d = model.cfg.vit.hidden
+    assert len(states) == len(model.encoder.blocks) + 2 and all(h.shape == (4, N, d) for h in states)
+    # depth 0: the patch embedding + 2-D sin-cos positions + the image type embedding, built here by hand
+    x = (np.asarray(img, np.float64) / 255 - augment.CXR_MEAN) / augment.CXR_STD
+    patches = x.reshape(4, S // PATCH, PATCH, S // PATCH, PATCH).transpose(0, 1, 3, 2, 4).reshape(4, N, -1)
+    k = np.asarray(model.patch_embed.proj.kernel[...], np.float64).reshape(-1, d)
+    want = (patches @ k + np.asarray(model.patch_embed.proj.bias[...]) + vit.sincos_2d(S // PATCH, d)
+            + np.asarray(model.type_embed[...])[mvlm.TYPE_IMAGE])
+    np.testing.assert_allclose(np.asarray(states[0]), want, rtol=1e-4, atol=1e-4)
+    # the last: the final states, whose mean is the probe feature
+    np.testing.assert_allclose(np.asarray(states[-1].mean(1)), np.asarray(model.embed_image(img)), rtol=1e-6, atol=1e-6)
+    # each block changes the states, and the final LayerNorm normalises the last block's output
+    assert all(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(states[:-1], states[1:]))
+    last = np.asarray(states[-2], np.float64)
+    normed = (last - last.mean(-1, keepdims=True)) / np.sqrt(last.var(-1, keepdims=True) + 1e-6)
+    scale, bias = np.asarray(model.encoder.norm.scale[...]), np.asarray(model.encoder.norm.bias[...])
+    np.testing.assert_allclose(np.asarray(states[-1]), normed * scale + bias, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_is_ignored(model):

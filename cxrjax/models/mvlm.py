@@ -86,6 +86,13 @@ class MVLM(nnx.Module):
         `image=None` / `text_ids=None`: a single-modality pass whose sequence holds no tokens of the other
         modality at all (returned as None) -- the same states as a joint pass with that modality absent
         (absent tokens get no attention), for fewer FLOPs."""
+        out = self.encoder(*self._sequence(image, image_present, patch_mask, text_ids, text_valid))
+        n = self.cfg.vit.num_patches if image is not None else 0
+        return (out[:, 1 : 1 + n] if image is not None else None,
+                out[:, 1 + n :] if text_ids is not None else None)
+
+    def _sequence(self, image, image_present, patch_mask, text_ids, text_valid):
+        """The encoder's input: [CLS, patches, word pieces] embedded (absent parts left out), and key validity."""
         v, dt = self.cfg.vit, self.cfg.vit.compute_dtype
         parts, valid = [], []
         if image is not None:
@@ -99,10 +106,7 @@ class MVLM(nnx.Module):
             valid.append(text_valid)
         b = parts[0].shape[0]
         cls = jnp.broadcast_to((self.cls[...] + self.type_embed[TYPE_CLS]).astype(dt), (b, 1, v.hidden))
-        out = self.encoder(jnp.concatenate([cls, *parts], axis=1), jnp.concatenate([jnp.ones((b, 1), bool), *valid], 1))
-        n = v.num_patches if image is not None else 0
-        return (out[:, 1 : 1 + n] if image is not None else None,
-                out[:, 1 + n :] if text_ids is not None else None)
+        return jnp.concatenate([cls, *parts], axis=1), jnp.concatenate([jnp.ones((b, 1), bool), *valid], 1)
 
     # -- heads -------------------------------------------------------------------------------
 
@@ -124,6 +128,13 @@ class MVLM(nnx.Module):
         b, n = image.shape[0], self.cfg.vit.num_patches
         states, _ = self(image, jnp.ones((b,), bool), jnp.zeros((b, n), bool), None, None)
         return pool_image(states)
+
+    def image_layer_states(self, image: jax.Array) -> list[jax.Array]:
+        """(B,S,S,1) -> the patch states (B,N,D) of an image-only, unmasked pass at every depth: the encoder's
+        input, each block's output, the final (normed) states -- whose mean is `embed_image`."""
+        b, n = image.shape[0], self.cfg.vit.num_patches
+        x, valid = self._sequence(image, jnp.ones((b,), bool), jnp.zeros((b, n), bool), None, None)
+        return [h[:, 1 : 1 + n] for h in self.encoder(x, valid, layers=True)]
 
     def embed_text(self, text_ids: jax.Array, text_valid: jax.Array) -> jax.Array:
         """(B,L) ids -> (B,D): mean over the valid word-piece states of a text-only pass."""

@@ -276,8 +276,13 @@ class Encoder(nnx.Module):
         self.norm = nnx.LayerNorm(cfg.hidden, epsilon=1e-6, dtype=dt, rngs=rngs)
         self.remat = cfg.remat
 
-    def __call__(self, x, key_valid):
+    def __call__(self, x, key_valid, *, layers: bool = False):
+        """The final states; `layers=True`: a list of the input, each block's output and the final states
+        (for probing which depth holds what)."""
         apply = _apply_block if self.remat == "none" else nnx.remat(_apply_block, policy=REMAT_POLICIES[self.remat])
+        states = [x]
         for block in self.blocks:
             x = apply(block, x, key_valid)
-        return self.norm(x)
+            states.append(x)
+        states.append(self.norm(x))
+        return states if layers else states[-1]

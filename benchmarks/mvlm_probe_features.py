@@ -1,0 +1,102 @@
+r"""Which features of a masked vision-language ViT does a linear probe read best? (docs/mvlm_results.md)
+
+    python benchmarks/mvlm_probe_features.py --checkpoint=RUN --data=DATA [--task="Pleural Effusion"]
+
+For the run's latest checkpoint, on the prepared DATA's train/test splits at the run's image size: the
+patch states of an image-only unmasked pass at every depth (the encoder's input, each block, the final
+normed states), mean-pooled over the patches (what `cxrjax.linear_eval` probes is the last row), the
+final states pooled over a 2x2 and a 4x4 grid of patch blocks (position kept), the input embedding on
+the 4x4 grid (a linear map of the pixels: what the ViT starts from), and the raw pixels area-resized to
+32x32 (linear_eval's `pixels` row). Probe: scikit-learn's LogisticRegressionCV on standardised
+features, L2 chosen by 5-fold AUC on the training images, all training labels; uncertain and blank
+labels are left out (both splits); AUC on the test split. An independent check of linear_eval's
+choice of feature, not a second protocol: its own numbers (label fractions, seeds, CIs) come from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from cxrjax.data import augment as augment_lib, schema, vl_pipeline
+from cxrjax.eval import features as features_lib
+
+
+def grid_pool(states: np.ndarray, k: int) -> np.ndarray:
+    """(B, N, D) patch states on a g x g grid -> (B, k*k*D): the mean over each of k x k blocks of patches."""
+    b, n, d = states.shape
+    g = int(round(n ** 0.5))
+    if g * g != n or g % k:
+        raise ValueError(f"{n} patches do not form a square grid divisible into {k}x{k} blocks")
+    return states.reshape(b, k, g // k, k, g // k, d).mean((2, 4)).reshape(b, -1)
+
+
+def layer_states(model, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    fn = jax.jit(model.image_layer_states)
+    out = [fn(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+    return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(len(out[0]))]
+
+
+def probe_auc(x_train, y_train, x_test, y_test, seed: int = 0) -> float:
+    scaler = StandardScaler().fit(x_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8: notices of 1.10 defaults
+        clf = LogisticRegressionCV(Cs=8, cv=5, scoring="roc_auc", max_iter=1000, random_state=seed)
+        clf.fit(scaler.transform(x_train), y_train)
+    return float(roc_auc_score(y_test, clf.decision_function(scaler.transform(x_test))))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a masked vision-language WORKDIR (its latest step)")
+    ap.add_argument("--data", required=True, help="a prepared data directory (train and test splits)")
+    ap.add_argument("--task", default="Pleural Effusion", help="a CheXpert label")
+    a = ap.parse_args(argv)
+    if a.task not in schema.CHEXPERT_LABELS:
+        raise SystemExit(f"--task={a.task!r} is not a CheXpert label; one of {', '.join(schema.CHEXPERT_LABELS)}")
+    t0 = time.perf_counter()
+    encoder = features_lib.restore_encoder(a.checkpoint)
+    if encoder.kind != "vit":
+        raise SystemExit(f"{a.checkpoint}: a {encoder.kind} checkpoint; this probes masked vision-language ViTs")
+    model = nnx.merge(encoder.graphdef, encoder.params, copy=True)
+    size = model.cfg.vit.image_size
+    column = schema.CHEXPERT_LABELS.index(a.task)
+    rows = {}
+    for split in ("train", "test"):
+        d = vl_pipeline.load_eval_split(a.data, split, augment_lib.AugmentConfig(size=size))
+        y = d["labels"][:, column]
+        keep = np.isin(y, (0.0, 1.0))
+        images = d["image"][keep]
+        states = layer_states(model, images)
+        names = (["input embedding"] + [f"block {i + 1}" for i in range(len(states) - 2)] + ["final (normed)"])
+        feats = {f"{n}, mean over patches": s.mean(1) for n, s in zip(names, states)}
+        feats["final, 2x2 grid of means"] = grid_pool(states[-1], 2)
+        feats["final, 4x4 grid of means"] = grid_pool(states[-1], 4)
+        feats["input embedding, 4x4 grid of means"] = grid_pool(states[0], 4)
+        pixels = features_lib.pixel_features(features_lib.PixelsSpec(32), features_lib.normalize_pixels(jnp.asarray(images)))
+        feats["raw pixels 32x32 (linear_eval's `pixels`)"] = np.asarray(pixels)
+        rows[split] = (feats, y[keep].astype(int))
+    (train, y_train), (test, y_test) = rows["train"], rows["test"]
+    print(f"{a.checkpoint} ({encoder.source}), {a.task}: "
+          f"train {len(y_train)} images ({y_train.sum()} pos.), test {len(y_test)} ({y_test.sum()} pos.), {size} px")
+    print("| features | dim | test AUC |\n|---|---|---|")
+    for name in train:
+        auc = probe_auc(train[name], y_train, test[name], y_test)
+        print(f"| {name} | {train[name].shape[1]} | {auc:.3f} |", flush=True)
+    print(f"wall {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
