@@ -8,9 +8,10 @@ normed states), mean-pooled over the patches (what `cxrjax.linear_eval` probes i
 final states pooled over a 2x2 and a 4x4 grid of patch blocks (position kept), the input embedding on
 the 4x4 grid (a linear map of the pixels: what the ViT starts from), and the raw pixels area-resized to
 32x32 (linear_eval's `pixels` row). Probe: scikit-learn's LogisticRegressionCV on standardised
-features, L2 chosen by 5-fold AUC on the training images, all training labels; uncertain and blank
-labels are left out (both splits); AUC on the test split. An independent check of linear_eval's
-choice of feature, not a second protocol: its own numbers (label fractions, seeds, CIs) come from there.
+features, L2 chosen by 5-fold AUC on the training images with folds by patient, all training labels;
+AUC on the test split. Uncertain AND blank labels are left out (both splits), where linear_eval counts
+blank as negative (MedAug): fewer, surer labels, so these AUCs are not linear_eval's. A second look at
+which features to probe, not the evaluation: label fractions, seeds and CIs come from linear_eval.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from flax import nnx
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import GroupKFold
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
@@ -42,18 +44,20 @@ def grid_pool(states: np.ndarray, k: int) -> np.ndarray:
     return states.reshape(b, k, g // k, k, g // k, d).mean((2, 4)).reshape(b, -1)
 
 
-def layer_states(model, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
-    fn = jax.jit(model.image_layer_states)
-    out = [fn(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+def layer_states(graphdef, params, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    # parameters as arguments (as features.make_forward): not baked in as constants, and remat'd models trace
+    fn = jax.jit(lambda p, x: [h.astype(jnp.float32) for h in nnx.merge(graphdef, p).image_layer_states(x)])
+    out = [fn(params, jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
     return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(len(out[0]))]
 
 
-def probe_auc(x_train, y_train, x_test, y_test, seed: int = 0) -> float:
+def probe_auc(x_train, y_train, groups, x_test, y_test, seed: int = 0) -> float:
     scaler = StandardScaler().fit(x_train)
+    folds = list(GroupKFold(n_splits=5).split(x_train, y_train, groups))  # a patient's images in one fold
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8: notices of 1.10 defaults
-        clf = LogisticRegressionCV(Cs=8, cv=5, scoring="roc_auc", max_iter=1000, random_state=seed)
+        clf = LogisticRegressionCV(Cs=8, cv=folds, scoring="roc_auc", max_iter=1000, random_state=seed)
         clf.fit(scaler.transform(x_train), y_train)
     return float(roc_auc_score(y_test, clf.decision_function(scaler.transform(x_test))))
 
@@ -70,8 +74,7 @@ def main(argv=None) -> None:
     encoder = features_lib.restore_encoder(a.checkpoint)
     if encoder.kind != "vit":
         raise SystemExit(f"{a.checkpoint}: a {encoder.kind} checkpoint; this probes masked vision-language ViTs")
-    model = nnx.merge(encoder.graphdef, encoder.params, copy=True)
-    size = model.cfg.vit.image_size
+    size = int(encoder.source["image_size"])
     column = schema.CHEXPERT_LABELS.index(a.task)
     rows = {}
     for split in ("train", "test"):
@@ -79,7 +82,7 @@ def main(argv=None) -> None:
         y = d["labels"][:, column]
         keep = np.isin(y, (0.0, 1.0))
         images = d["image"][keep]
-        states = layer_states(model, images)
+        states = layer_states(encoder.graphdef, encoder.params, images)
         names = (["input embedding"] + [f"block {i + 1}" for i in range(len(states) - 2)] + ["final (normed)"])
         feats = {f"{n}, mean over patches": s.mean(1) for n, s in zip(names, states)}
         feats["final, 2x2 grid of means"] = grid_pool(states[-1], 2)
@@ -87,13 +90,13 @@ def main(argv=None) -> None:
         feats["input embedding, 4x4 grid of means"] = grid_pool(states[0], 4)
         pixels = features_lib.pixel_features(features_lib.PixelsSpec(32), features_lib.normalize_pixels(jnp.asarray(images)))
         feats["raw pixels 32x32 (linear_eval's `pixels`)"] = np.asarray(pixels)
-        rows[split] = (feats, y[keep].astype(int))
-    (train, y_train), (test, y_test) = rows["train"], rows["test"]
+        rows[split] = (feats, y[keep].astype(int), d["patient"][keep])
+    (train, y_train, groups), (test, y_test, _) = rows["train"], rows["test"]
     print(f"{a.checkpoint} ({encoder.source}), {a.task}: "
           f"train {len(y_train)} images ({y_train.sum()} pos.), test {len(y_test)} ({y_test.sum()} pos.), {size} px")
     print("| features | dim | test AUC |\n|---|---|---|")
     for name in train:
-        auc = probe_auc(train[name], y_train, test[name], y_test)
+        auc = probe_auc(train[name], y_train, groups, test[name], y_test)
         print(f"| {name} | {train[name].shape[1]} | {auc:.3f} |", flush=True)
     print(f"wall {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}")
 

@@ -65,14 +65,14 @@ def test_train_resume_and_evaluate(phantom, tmp_path):
             assert k in d and d[k] == d[k], k  # present and not NaN
     assert (work / "tokenizer.json").is_file() and (work / "config.json").is_file()
 
-    # a second fresh run of the same seed (its own tokenizer trained again) = the first, bit for bit
-    fresh = tiny_config(phantom)
-    fresh.total_steps = fresh.checkpoint_every = 2
-    mvlm.train_and_evaluate(fresh, str(tmp_path / "fresh"))
+    # a second fresh run of the same seed (its own tokenizer trained again) = the first, bit for bit, over
+    # every step (step 1's learning rate is 0 in the warm-up: the later steps are what test the training)
+    mvlm.train_and_evaluate(tiny_config(phantom), str(tmp_path / "fresh"))
     assert (tmp_path / "fresh" / "tokenizer.json").read_text() == (work / "tokenizer.json").read_text()
     second = {d["step"]: d for d in metrics_lib.read_jsonl(tmp_path / "fresh" / "metrics.jsonl")}
-    for step in (1, 2):
-        for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss", "grad_norm"):
+    assert first[3]["lr"] > 0 and first[4]["loss"] != first[1]["loss"]
+    for step in (1, 2, 3, 4):
+        for k in ("loss", "mlm_loss", "mvm_loss", "itc_loss", "grad_norm", "lr"):
             assert second[step][k] == first[step][k], (step, k)
 
     # kill after step 2: drop the last checkpoint, resume -> steps 3 and 4 exactly as before

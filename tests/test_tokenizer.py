@@ -23,21 +23,40 @@ def tok():
 
 
 _TIES = """
-import json, numpy as np
+import json, string, numpy as np
+from tokenizers import Tokenizer, models, trainers
 from cxrjax.text import tokenizer as T
 r = np.random.default_rng(0)
 words = ["".join(r.choice(list("abcdefghij"), r.integers(3, 8))) for _ in range(300)]
-texts = [" ".join(words[i:i + 10]) for i in range(0, 300, 10)] * 2  # every word twice: merges of equal count
-print(json.dumps([sorted(T.train_tokenizer(texts, 200, min_frequency=1).get_vocab().items()) for _ in range(4)]))
+# every word twice (merges of equal count); punctuation and digits are words of their own after the split
+texts = [" ".join(words[i:i + 10]) + ", 12 (no)." for i in range(0, 300, 10)] * 2
+ours = [sorted(T.train_tokenizer(texts, 200, min_frequency=1).get_vocab().items()) for _ in range(4)]
+plain = T._pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))  # tokenizers' trainer alone, as before
+plain.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, min_frequency=1,
+                                                           special_tokens=list(T.SPECIAL_TOKENS)))
+vocab = plain.get_vocab()
+for c in string.ascii_lowercase + string.digits + string.punctuation:
+    for piece in (c, "##" + c):
+        vocab.setdefault(piece, len(vocab))
+print(json.dumps({"ours": ours, "plain": sorted(vocab.items())}))
 """
+
+
+def _learned(vocab) -> int:
+    """Pieces longer than one character (the merges), "##" not counted."""
+    return sum(len(p.removeprefix("##")) > 1 for p, _ in vocab if not p.startswith("["))
 
 
 def test_the_same_reports_give_the_same_vocabulary_in_every_run():
     # tokenizers' trainer alone gave a different vocabulary on most of these runs (huggingface/tokenizers#1794)
     runs = [json.loads(subprocess.run([sys.executable, "-c", _TIES], capture_output=True, text=True, check=True).stdout)
             for _ in range(2)]  # two processes (different hash seeds) x four trainings each
-    vocabs = runs[0] + runs[1]
-    assert len(vocabs[0]) > 250 and all(v == vocabs[0] for v in vocabs)
+    vocabs = runs[0]["ours"] + runs[1]["ours"]
+    assert all(v == vocabs[0] for v in vocabs)
+    # ... and the same budget as the trainer alone: as many vocabulary entries and as many learned pieces
+    # (none of the 200 places goes to a piece that cannot occur, e.g. "##," after the punctuation split)
+    plain = runs[0]["plain"]
+    assert len(vocabs[0]) == len(plain) > 250 and _learned(vocabs[0]) == _learned(plain) > 100
 
 
 def test_special_tokens_have_fixed_ids(tok):

@@ -39,12 +39,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     if not texts:
         raise ValueError("train_tokenizer: no non-empty report text to train on (does the split have reports?)")
     tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
-    # Determinism (tokenizers <= 0.22, huggingface/tokenizers#1794): the trainer gives the "##c" continuing
+    # Determinism (huggingface/tokenizers#1794, still so in 0.23.3): the trainer gives the "##c" continuing
     # pieces ids in hash-map order, and those ids break ties between merges of equal count, so two runs on
     # the same reports differed in ~100 of 800 pieces. Registered up front (sorted) they get fixed ids;
-    # the model below is rebuilt from the vocabulary, so they are ordinary pieces afterwards.
-    chars = sorted({c for t in texts for c in tok.normalizer.normalize_str(t) if not c.isspace()})
-    continuing = ["##" + c for c in chars]
+    # exactly the ones the trainer would create (characters after a word's first), so none takes a place
+    # of the vocabulary budget a learned piece would have had. The model below is rebuilt from the
+    # vocabulary, so they are ordinary pieces afterwards.
+    words = (w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t)))
+    continuing = ["##" + c for c in sorted({c for w in words for c in w[1:]})]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS) + continuing, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
