@@ -178,6 +178,34 @@ def test_late_failed_reads_of_a_damaged_checkpoint_are_dropped_and_nothing_else(
     assert all(r.getMessage().startswith("Future exception was never retrieved") for r in caplog.records)
 
 
+def test_failed_reads_logged_before_the_error_reaches_the_caller_are_dropped_too(tmp_path, caplog):
+    """A sibling read may fail and be logged on Orbax's thread before the first error leaves the `with`
+    (seen once in the CI suite): the folder is covered from the start of the read. A read that succeeds
+    leaves nothing behind, and its folder is not covered afterwards."""
+    loop = asyncio.new_event_loop()
+
+    def abandon(folder):
+        future = loop.create_future()
+        future.set_exception(ValueError(f'NOT_FOUND: Error reading "b.c/.zarray" in OCDBT database at local file '
+                                        f'"{folder}/state/"'))
+        del future
+        gc.collect()
+
+    early, fine = tmp_path / "checkpoints" / "3", tmp_path / "checkpoints" / "2"
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(ValueError):
+            with ckpt_lib.quiet_failed_reads(early):
+                abandon(early)  # logged while the restore is still failing: dropped
+                raise ValueError("NOT_FOUND: the first error")
+        with ckpt_lib.quiet_failed_reads(fine):
+            abandon(fine)  # during a read that then succeeds: dropped (the filter cannot know yet)
+        abandon(fine)  # after it succeeded: shown
+        abandon(early)  # the failed folder stays covered: dropped
+    loop.close()
+    shown = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
+    assert len(shown) == 1 and f'"{fine}/state/"' in shown[0], shown
+
+
 def test_a_checkpoint_that_does_not_fit_the_config_is_not_damage(tmp_path):
     ckdir = _save_steps(tmp_path)
     before = _files(ckdir)
