@@ -1,6 +1,8 @@
 r"""Which features of a masked vision-language ViT does a linear probe read best? (docs/mvlm_results.md)
 
     python benchmarks/mvlm_probe_features.py --checkpoint=RUN --data=DATA [--task="Pleural Effusion"]
+    python benchmarks/mvlm_probe_features.py --checkpoint=/tmp/run --data=/tmp/data --pretrain_steps=2   # a tiny
+        # phantom (--patients) and a few steps of a tiny model first: checks the script, measures nothing
 
 For the run's latest checkpoint, on the prepared DATA's train/test splits at the run's image size: the
 patch states of an image-only unmasked pass at every depth (the encoder's input, each block, the final
@@ -17,6 +19,7 @@ which features to probe, not the evaluation: label fractions, seeds and CIs come
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 import warnings
@@ -30,6 +33,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import GroupKFold
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
+
+SMOKE_ARGS = ["--checkpoint={tmp}/run", "--data={tmp}/data", "--pretrain_steps=2", "--patients=120"]  # tests/test_benchmarks.py
 
 from cxrjax.data import augment as augment_lib, schema, vl_pipeline
 from cxrjax.eval import features as features_lib
@@ -62,15 +67,41 @@ def probe_auc(x_train, y_train, groups, x_test, y_test, seed: int = 0) -> float:
     return float(roc_auc_score(y_test, clf.decision_function(scaler.transform(x_test))))
 
 
+def pretrain_tiny(workdir: str, data: str, steps: int, patients: int) -> None:
+    """A phantom of `patients` at 32 px in `data` (if not prepared yet) and `steps` of configs/mvlm_mixed.py:demo
+    with a micro ViT into `workdir`: something to probe, for trying the script (tests/test_benchmarks.py)."""
+    from cxrjax.data import prepared
+    from cxrjax.train import mvlm
+
+    if not os.path.exists(os.path.join(data, "table.parquet")):
+        prepared.prepare_dataset("phantom", data, patients=patients, size=32, workers=0, strategies=[])
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "mvlm_mixed.py")
+    spec = importlib.util.spec_from_file_location("mvlm_mixed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("demo")
+    c.data.dir, c.augment.size = data, 32
+    c.model.update(size="micro", patch=8, proj_dim=16)
+    c.mask.scales = (1, 2)  # a 4x4 patch grid
+    c.text.update(vocab_size=300, max_len=24)
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, steps, 1, steps
+    mvlm.train_and_evaluate(c, workdir)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a masked vision-language WORKDIR (its latest step)")
     ap.add_argument("--data", required=True, help="a prepared data directory (train and test splits)")
     ap.add_argument("--task", default="Pleural Effusion", help="a CheXpert label")
+    ap.add_argument("--pretrain_steps", type=int, default=0,
+                    help="> 0: first prepare a tiny phantom in --data and train a tiny run into --checkpoint")
+    ap.add_argument("--patients", type=int, default=120, help="--pretrain_steps: the phantom's size")
     a = ap.parse_args(argv)
     if a.task not in schema.CHEXPERT_LABELS:
         raise SystemExit(f"--task={a.task!r} is not a CheXpert label; one of {', '.join(schema.CHEXPERT_LABELS)}")
     t0 = time.perf_counter()
+    if a.pretrain_steps > 0:
+        pretrain_tiny(a.checkpoint, a.data, a.pretrain_steps, a.patients)
     encoder = features_lib.restore_encoder(a.checkpoint)
     if encoder.kind != "vit":
         raise SystemExit(f"{a.checkpoint}: a {encoder.kind} checkpoint; this probes masked vision-language ViTs")
