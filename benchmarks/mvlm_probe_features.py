@@ -19,7 +19,6 @@ which features to probe, not the evaluation: label fractions, seeds and CIs come
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 import warnings
@@ -34,10 +33,10 @@ from sklearn.model_selection import GroupKFold
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-SMOKE_ARGS = ["--checkpoint={tmp}/run", "--data={tmp}/data", "--pretrain_steps=2", "--patients=120"]  # tests/test_benchmarks.py
-
 from cxrjax.data import augment as augment_lib, schema, vl_pipeline
 from cxrjax.eval import features as features_lib
+
+SMOKE_ARGS = ["--checkpoint={tmp}/run", "--data={tmp}/data", "--pretrain_steps=2", "--patients=120"]  # tests/test_benchmarks.py
 
 
 def grid_pool(states: np.ndarray, k: int) -> np.ndarray:
@@ -49,9 +48,13 @@ def grid_pool(states: np.ndarray, k: int) -> np.ndarray:
     return states.reshape(b, k, g // k, k, g // k, d).mean((2, 4)).reshape(b, -1)
 
 
-def layer_states(graphdef, params, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
-    # parameters as arguments (as features.make_forward): not baked in as constants, and remat'd models trace
-    fn = jax.jit(lambda p, x: [h.astype(jnp.float32) for h in nnx.merge(graphdef, p).image_layer_states(x)])
+def layer_states_fn(graphdef):
+    """jitted (params, images) -> float32 patch states at every depth; the parameters are arguments (as in
+    features.make_forward): not baked in as constants, and rematerialised models trace."""
+    return jax.jit(lambda p, x: [h.astype(jnp.float32) for h in nnx.merge(graphdef, p).image_layer_states(x)])
+
+
+def layer_states(fn, params, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
     out = [fn(params, jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
     return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(len(out[0]))]
 
@@ -70,16 +73,14 @@ def probe_auc(x_train, y_train, groups, x_test, y_test, seed: int = 0) -> float:
 def pretrain_tiny(workdir: str, data: str, steps: int, patients: int) -> None:
     """A phantom of `patients` at 32 px in `data` (if not prepared yet) and `steps` of configs/mvlm_mixed.py:demo
     with a micro ViT into `workdir`: something to probe, for trying the script (tests/test_benchmarks.py)."""
+    from cxrjax import cli
     from cxrjax.data import prepared
     from cxrjax.train import mvlm
 
     if not os.path.exists(os.path.join(data, "table.parquet")):
         prepared.prepare_dataset("phantom", data, patients=patients, size=32, workers=0, strategies=[])
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "mvlm_mixed.py")
-    spec = importlib.util.spec_from_file_location("mvlm_mixed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("demo")
+    c = cli.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
+                                          "mvlm_mixed.py") + ":demo")
     c.data.dir, c.augment.size = data, 32
     c.model.update(size="micro", patch=8, proj_dim=16)
     c.mask.scales = (1, 2)  # a 4x4 patch grid
@@ -107,13 +108,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"{a.checkpoint}: a {encoder.kind} checkpoint; this probes masked vision-language ViTs")
     size = int(encoder.source["image_size"])
     column = schema.CHEXPERT_LABELS.index(a.task)
+    forward = layer_states_fn(encoder.graphdef)  # one compile per batch shape for both splits
     rows = {}
     for split in ("train", "test"):
         d = vl_pipeline.load_eval_split(a.data, split, augment_lib.AugmentConfig(size=size))
         y = d["labels"][:, column]
         keep = np.isin(y, (0.0, 1.0))
         images = d["image"][keep]
-        states = layer_states(encoder.graphdef, encoder.params, images)
+        states = layer_states(forward, encoder.params, images)
         names = (["input embedding"] + [f"block {i + 1}" for i in range(len(states) - 2)] + ["final (normed)"])
         feats = {f"{n}, mean over patches": s.mean(1) for n, s in zip(names, states)}
         feats["final, 2x2 grid of means"] = grid_pool(states[-1], 2)
