@@ -45,7 +45,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     # exactly the ones the trainer would create (characters after a word's first), so none takes a place
     # of the vocabulary budget a learned piece would have had. The model below is rebuilt from the
     # vocabulary, so they are ordinary pieces afterwards.
-    words = (w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t)))
+    words = (w for t in set(texts) for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t)))
     continuing = ["##" + c for c in sorted({c for w in words for c in w[1:]})]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS) + continuing, show_progress=False)
