@@ -3,6 +3,7 @@ summed per kind of work.
 
     python benchmarks/step_profile.py                      # 224 px, batch 16, the trainer's XLA flags
     python benchmarks/step_profile.py --size=128 --top=15  # also the 15 slowest instructions
+    python benchmarks/step_profile.py --torch              # then PyTorch's step (torch.profiler), same groups
 
 The step is built exactly as benchmarks/train_bench.py builds it (the trainer's state, step and
 shardings; the same synthetic batch). `jax.profiler.trace` records one event per executed XLA
@@ -41,7 +42,7 @@ import time
 
 import train_bench  # benchmarks/ is this script's folder: the same step and batch as the throughput benchmark
 
-SMOKE_ARGS = ["--size=32", "--batch=4", "--steps=1", "--top=3", "--xla_pool", "--xla_conv"]  # tests/test_benchmarks.py: seconds of work
+SMOKE_ARGS = ["--size=32", "--batch=8", "--steps=1", "--top=3", "--xla_pool", "--xla_conv", "--torch"]  # tests/test_benchmarks.py: seconds of work
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{[^}]*\})? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -185,6 +186,65 @@ def shared_time(items: list[dict]) -> None:
         it["dur"] = sh
 
 
+def torch_group(event) -> str:
+    """The group of one torch.profiler event by its operator's name (and the optimizer step it runs in)."""
+    name = event.name
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step"):
+            return "optimizer (Adam) + EMA"
+        parent = parent.cpu_parent
+    if name.startswith("aten::_foreach"):  # the EMA of the key encoder
+        return "optimizer (Adam) + EMA"
+    if "convolution_backward" in name:
+        return "conv input-grad + weight-grad"
+    if "conv" in name:  # aten::conv2d (where the profiler counts the FLOPs), convolution, mkldnn_convolution
+        return "conv forward"
+    if "max_pool" in name:
+        return "max-pool (reduce-window, select-and-scatter)"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+        return "dot"
+    if "batch_norm" in name:
+        return "BatchNorm (forward, backward)"
+    if name.startswith(("autograd::", "torch::autograd::", "Optimizer.")):
+        return "autograd engine / framework"
+    return "elementwise + reductions"
+
+
+def profile_torch(args) -> None:
+    """PyTorch's side of the comparison: the same step (train_bench.torch_step), grouped like XLA's."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    bench_args = train_bench.parse_args([f"--batch={args.batch}"])
+    step, info = train_bench.torch_step(bench_args, args.size, "channels_last", "split")
+    for _ in range(2):
+        step()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - t)
+    per_group = collections.defaultdict(lambda: [0.0, 0.0])  # group -> [self us, flops]
+    for e in prof.events():
+        group = torch_group(e)
+        per_group[group][0] += e.self_cpu_time_total
+        per_group[group][1] += e.flops or 0
+    n = args.steps
+    total = sum(us for us, _ in per_group.values()) / n / 1e3
+    print(f"PyTorch MoCo step (benchmarks/train_bench.py), ResNet-18 width 64, batch {args.batch}, {args.size} px, "
+          f"float32, channels_last, BN split; {n} profiled steps; torch {torch.__version__}, {info['threads']} threads")
+    print(f"wall {statistics.median(walls) * 1e3:.0f} ms/step (median, profiled), operators' own time "
+          f"{total:.0f} ms/step (self CPU time on the calling thread)")
+    print(f"{'group':48s} {'ms/step':>9} {'share':>7} {'GFLOP/step':>11} {'GFLOP/s':>8}")
+    for group, (us, flops) in sorted(per_group.items(), key=lambda kv: -kv[1][0]):
+        ms = us / n / 1e3
+        gf = flops / n / 1e9
+        rate = f"{gf / (ms / 1e3):8.1f}" if flops and ms else f"{'':8s}"
+        print(f"{group:48s} {ms:9.1f} {ms / total:7.1%} {gf:11.2f} {rate}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=224)
@@ -198,6 +258,9 @@ def main(argv=None):
                         "cxrjax/models/pooling.py")
     p.add_argument("--xla_conv", action="store_true",
                    help="every convolution left to XLA: the step before cxrjax/models/conv.py")
+    p.add_argument("--torch", action="store_true",
+                   help="then profile benchmarks/train_bench.py's PyTorch step too (torch.profiler, channels_last, "
+                        "BN split: its fastest variant there), in the same groups")
     args = p.parse_args(argv)
     bench_args = train_bench.parse_args([f"--batch={args.batch}", f"--flags={args.flags}",
                                          f"--xla_flags={args.xla_flags}"])
@@ -251,6 +314,9 @@ def main(argv=None):
             ins = instrs[name]
             print(f"  {us / n / 1e3:8.1f}  {group:32s} {name:40s} {ins['opcode']:12s} {list(ins['shape'])}"
                   + (f"  {flops / 1e9 / (us / n / 1e6):.1f} GFLOP/s" if flops else ""))
+    if args.torch:
+        print()
+        profile_torch(args)
     return 0
 
 

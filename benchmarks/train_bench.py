@@ -113,11 +113,16 @@ def make_batch(batch: int, size: int, seed: int = 0) -> dict:
             "key_study": ids(5), "key_laterality": ids(2)}
 
 
-def race(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each timed call of every step() (each must block until its result is ready).
+def race(steps: dict, rounds: int, warmup: int) -> dict[str, list[tuple[float, int, float]]]:
+    """(wall seconds, page faults, system CPU seconds) of each timed call of every step() (each must block
+    until its result is ready).
 
     The contenders take turns, one step each per round (the order rotates every round), so a shared
-    machine that slows down or speeds up during the run slows every side alike; warm-up rounds first."""
+    machine that slows down or speeds up during the run slows every side alike; warm-up rounds first.
+    Only one side runs at a time, so the process's page faults and kernel time during a call are that
+    side's: memory the allocator maps anew each step is faulted in page by page (docs/cpu_step.md)."""
+    import resource
+
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -126,15 +131,27 @@ def race(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
             steps[name]()
-            times[name].append(time.perf_counter() - t)
+            wall = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            times[name].append((wall, after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt,
+                                after.ru_stime - before.ru_stime))
     return times
 
 
-def summary(times: list[float], batch: int) -> dict:
-    med = statistics.median(times)
-    return {"img_per_s": batch / med, "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(times)}
+def summary(calls: list[tuple[float, int, float]], batch: int) -> dict:
+    walls = [c[0] for c in calls]
+    med = statistics.median(walls)
+    return {"img_per_s": batch / med, "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(walls),
+            "page_faults_per_step": statistics.median(c[1] for c in calls),
+            "sys_ms_per_step": 1e3 * statistics.median(c[2] for c in calls)}
+
+
+def memory_note(r: dict) -> str:
+    """Page faults and kernel CPU time per step (medians), for a result row."""
+    return f"{r['page_faults_per_step']:.0f} page faults/step, sys {r['sys_ms_per_step']:.0f} ms/step"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +211,7 @@ def cxrjax_step(args, size: int, xla_pool: bool = False, xla_conv: bool = False)
     info = {"side": "cxrjax" + (", XLA pool" if xla_pool else "") + (", XLA conv" if xla_conv else ""),
             "size": size, "batch": args.batch,
             "compile_s": compile_s, "gflop_per_step": ct._flops(compiled) / 1e9,
+            "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,  # XLA's temporaries, one block
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     holder = {"state": state}
 
@@ -428,12 +446,13 @@ def main(argv=None):
             if name.startswith("cxrjax"):
                 log(f"  {name} {size:4d}px: {r['img_per_s']:7.2f} img/s, {r['ms_per_step']:8.1f} ms/step "
                     f"(min {r['ms_min']:.1f}), {gf:.1f} GFLOP/step (XLA), {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s, "
-                    f"compile {r['compile_s']:.1f} s, loss {r['loss']:.3f}")
+                    f"compile {r['compile_s']:.1f} s, loss {r['loss']:.3f}; {memory_note(r)}, "
+                    f"temporaries {r['temp_mb']:.0f} MB")
             else:
                 log(f"  torch  {size:4d}px {r['layout']:13s} BN {r['bn']:5s}: {r['img_per_s']:7.2f} img/s, "
                     f"{r['ms_per_step']:8.1f} ms/step (min {r['ms_min']:.1f})"
                     + (f", {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s at XLA's count" if gf else "")
-                    + f", {r['threads']} threads, loss {r['loss']:.3f}")
+                    + f", {r['threads']} threads, loss {r['loss']:.3f}; {memory_note(r)}")
         if "cxrjax" in results:
             row["cxrjax"] = results["cxrjax"]
         torch_rows = [r for name, r in results.items() if name.startswith("torch")]
