@@ -106,3 +106,19 @@ def test_load_refuses_missing_and_foreign_files(tok, tmp_path):
 def test_training_needs_text():
     with pytest.raises(ValueError, match="no non-empty report"):
         T.train_tokenizer(["", "  "])
+
+
+_UNICODE = ["Ångström café NAÏVE İstanbul straße", "tab\there\x00null\u200bzero-width ¿qué? «quote» — dash… end",
+            "肺炎 left-lower lobe; T2/T3 4.5cm x-ray", "ﬁne ligature and Ⅻ numeral, ① circled", "e\u0301 combining"] * 2
+
+
+def test_continuing_characters_are_the_ones_the_trainer_makes_pieces_of():
+    from tokenizers import Tokenizer, models, trainers
+
+    plain = T._pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))  # tokenizers' trainer alone
+    plain.train_from_iterator(_UNICODE + CORPUS, trainers.WordPieceTrainer(vocab_size=2000, min_frequency=1))
+    made = sorted(p[2:] for p in plain.get_vocab() if p.startswith("##") and len(p) == 3)
+    # ... and the pre-tokeniser run over every normalised report (the earlier, 10x slower way)
+    words = [w for t in _UNICODE + CORPUS for w, _ in plain.pre_tokenizer.pre_tokenize_str(plain.normalizer.normalize_str(t))]
+    assert T.continuing_characters(plain, _UNICODE + CORPUS) == made == sorted({c for w in words for c in w[1:]})
+    assert {"ß", "炎", "i"} <= set(made) and not {"-", "…", "\u0301", "\u200b"} & set(made)
