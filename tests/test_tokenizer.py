@@ -109,7 +109,9 @@ def test_training_needs_text():
 
 
 _UNICODE = ["Ångström café NAÏVE İstanbul straße", "tab\there\x00null\u200bzero-width ¿qué? «quote» — dash… end",
-            "肺炎 left-lower lobe; T2/T3 4.5cm x-ray", "ﬁne ligature and Ⅻ numeral, ① circled", "e\u0301 combining"] * 2
+            "肺炎 left-lower lobe; T2/T3 4.5cm x-ray", "ﬁne ligature and Ⅻ numeral, ① circled", "e\u0301 combining",
+            # adjacent combining marks that normalisation keeps and reorders (canonical order by combining class)
+            "\u08d4\u1b44", "x \u302e\u0898 y"] * 2
 
 
 def test_continuing_characters_are_the_ones_the_trainer_makes_pieces_of():
