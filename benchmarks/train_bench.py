@@ -119,8 +119,10 @@ def race(steps: dict, rounds: int, warmup: int) -> dict[str, list[tuple[float, i
 
     The contenders take turns, one step each per round (the order rotates every round), so a shared
     machine that slows down or speeds up during the run slows every side alike; warm-up rounds first.
-    Only one side runs at a time, so the process's page faults and kernel time during a call are that
-    side's: memory the allocator maps anew each step is faulted in page by page (docs/cpu_step.md)."""
+    Only one side runs at a time, so the process's page faults and kernel time during a call are mostly
+    that side's: memory the allocator maps anew each step is faulted in page by page (docs/cpu_step.md).
+    (Counted over all threads: work a side leaves running after its result is ready, e.g. freeing its
+    buffers, lands in the next call, which the rotating order gives to every side alike.)"""
     import resource
 
     names = list(steps)
@@ -211,7 +213,7 @@ def cxrjax_step(args, size: int, xla_pool: bool = False, xla_conv: bool = False)
     info = {"side": "cxrjax" + (", XLA pool" if xla_pool else "") + (", XLA conv" if xla_conv else ""),
             "size": size, "batch": args.batch,
             "compile_s": compile_s, "gflop_per_step": ct._flops(compiled) / 1e9,
-            "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,  # XLA's temporaries, one block
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,  # XLA's temporaries, one block
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     holder = {"state": state}
 
@@ -447,7 +449,7 @@ def main(argv=None):
                 log(f"  {name} {size:4d}px: {r['img_per_s']:7.2f} img/s, {r['ms_per_step']:8.1f} ms/step "
                     f"(min {r['ms_min']:.1f}), {gf:.1f} GFLOP/step (XLA), {gf * 1e3 / r['ms_per_step']:.1f} GFLOP/s, "
                     f"compile {r['compile_s']:.1f} s, loss {r['loss']:.3f}; {memory_note(r)}, "
-                    f"temporaries {r['temp_mb']:.0f} MB")
+                    f"temporaries {r['temp_mib']:.0f} MiB")
             else:
                 log(f"  torch  {size:4d}px {r['layout']:13s} BN {r['bn']:5s}: {r['img_per_s']:7.2f} img/s, "
                     f"{r['ms_per_step']:8.1f} ms/step (min {r['ms_min']:.1f})"
