@@ -187,6 +187,16 @@ def shared_time(items: list[dict]) -> None:
         it["dur"] = sh
 
 
+def print_groups(per_group: dict, n: int, total_ms: float) -> None:
+    """The table: per group ms/step, share of `total_ms`, GFLOP/step and GFLOP/s (group -> [us, flops] over n steps)."""
+    print(f"{'group':48s} {'ms/step':>9} {'share':>7} {'GFLOP/step':>11} {'GFLOP/s':>8}")
+    for group, (us, flops) in sorted(per_group.items(), key=lambda kv: -kv[1][0]):
+        ms = us / n / 1e3
+        gf = flops / n / 1e9
+        rate = f"{gf / (ms / 1e3):8.1f}" if flops and ms else f"{'':8s}"
+        print(f"{group:48s} {ms:9.1f} {ms / total_ms:7.1%} {gf:11.2f} {rate}")
+
+
 def torch_group(event) -> str:
     """The group of one torch.profiler event by its operator's name (and the optimizer step it runs in)."""
     name = event.name
@@ -240,12 +250,7 @@ def profile_torch(args) -> None:
           f"float32, channels_last, BN split; {n} profiled steps; torch {torch.__version__}, {info['threads']} threads")
     print(f"wall {statistics.median(walls) * 1e3:.0f} ms/step (median, profiled), operators' own time "
           f"{total:.0f} ms/step (self CPU time on the calling thread)")
-    print(f"{'group':48s} {'ms/step':>9} {'share':>7} {'GFLOP/step':>11} {'GFLOP/s':>8}")
-    for group, (us, flops) in sorted(per_group.items(), key=lambda kv: -kv[1][0]):
-        ms = us / n / 1e3
-        gf = flops / n / 1e9
-        rate = f"{gf / (ms / 1e3):8.1f}" if flops and ms else f"{'':8s}"
-        print(f"{group:48s} {ms:9.1f} {ms / total:7.1%} {gf:11.2f} {rate}")
+    print_groups(per_group, n, total)
 
 
 def main(argv=None):
@@ -316,12 +321,7 @@ def main(argv=None):
           f"XLA_FLAGS={flags!r}")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; wall {wall * 1e3:.0f} ms/step (median), "
           f"instructions busy {total:.0f} ms/step, {len(per_instr)} distinct executed")
-    print(f"{'group':48s} {'ms/step':>9} {'share':>7} {'GFLOP/step':>11} {'GFLOP/s':>8}")
-    for group, (us, flops) in sorted(per_group.items(), key=lambda kv: -kv[1][0]):
-        ms = us / n / 1e3
-        gf = flops / n / 1e9
-        rate = f"{gf / (ms / 1e3):8.1f}" if flops else f"{'':8s}"
-        print(f"{group:48s} {ms:9.1f} {ms / total:7.1%} {gf:11.2f} {rate}")
+    print_groups(per_group, n, total)
     if args.top:
         print(f"\nslowest {args.top} instructions (ms/step, group, shape):")
         for name, us in sorted(per_instr.items(), key=lambda kv: -kv[1])[:args.top]:
