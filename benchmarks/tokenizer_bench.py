@@ -5,6 +5,7 @@ before the Hugging Face trainer.
     python benchmarks/tokenizer_bench.py                      # 377,110 reports (MIMIC-CXR's count), vocab 8000
     python benchmarks/tokenizer_bench.py --reports=50000
     python benchmarks/tokenizer_bench.py --per_report         # also the pre-pass's first version, and equal?
+    python benchmarks/tokenizer_bench.py --reports=10000 --alphabet=6000 --per_report  # a large alphabet
 
 The corpus: the real Indiana University reports (../shared/data/iu-reports, or --iu_reports) split into
 sentences and recombined at random into reports of as many sentences as the originals (a fixed seed),
@@ -60,9 +61,28 @@ def recombined(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def ideograph_reports(n: int, alphabet: int, seed: int = 0) -> list[str]:
+    """`n` reports of 20 space-separated words of 2-6 characters from the first `alphabet` CJK ideographs."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 7, size=(n, 20))
+    chars = rng.integers(0x4E00, 0x4E00 + alphabet, size=int(lengths.sum()))
+    text = "".join(map(chr, chars))
+    out, i = [], 0
+    for row in lengths:
+        words = []
+        for k in row:
+            words.append(text[i:i + k])
+            i += k
+        out.append(" ".join(words))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports", type=int, default=MIMIC_REPORTS)
+    p.add_argument("--alphabet", type=int, default=0,
+                   help="> 0: instead of English text, reports of 20 words of 2-6 characters drawn from this many "
+                        "CJK ideographs (a large alphabet: every one of them ends up a continuing character)")
     p.add_argument("--vocab", type=int, default=8000, help="vocabulary size (the MVLM configs' text.vocab_size)")
     p.add_argument("--iu_reports", default=str(IU))
     p.add_argument("--per_report", action="store_true",
@@ -74,12 +94,16 @@ def main(argv=None) -> int:
 
     from cxrjax.text import tokenizer as tok_lib
 
-    base, what = source_reports(Path(args.iu_reports))
     t = time.perf_counter()
-    corpus = recombined(base, args.reports)
+    if args.alphabet:
+        corpus, what = ideograph_reports(args.reports, args.alphabet), f"{args.alphabet:,} CJK ideographs"
+    else:
+        base, what = source_reports(Path(args.iu_reports))
+        corpus = recombined(base, args.reports)
+        what = "the sentences of " + what
     distinct = len(set(corpus))
     print(f"corpus: {len(corpus):,} reports ({distinct:,} distinct, {sum(map(len, corpus)) / 2**20:.0f} MB of text) "
-          f"recombined from the sentences of {what} in {time.perf_counter() - t:.1f} s")
+          f"made from {what} in {time.perf_counter() - t:.1f} s")
 
     probe = tok_lib._pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))  # train_tokenizer's normaliser etc.
     t = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import string
+import sys
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -75,7 +76,8 @@ def continuing_characters(tok: Tokenizer, texts: Iterable[str]) -> list[str]:
     adjacent combining marks, so the reports are normalised by a table of their distinct characters,
     and only those with a character that normalises to a combining mark are normalised whole. The
     pre-tokeniser splits at whitespace and isolates punctuation, so a character follows another inside
-    a word exactly when both are neither (each character classified by the pre-tokeniser itself)."""
+    a word exactly when both are neither (each character classified by the pre-tokeniser itself): one
+    pass over the code points, linear in the corpus whatever its alphabet."""
     texts = set(texts)
     table = {c: tok.normalizer.normalize_str(c) for c in set("".join(texts))}
     marks = [c for c, n in table.items() if any(_reorderable(d) for d in n)]
@@ -90,19 +92,15 @@ def continuing_characters(tok: Tokenizer, texts: Iterable[str]) -> list[str]:
     def in_word(c: str) -> bool:  # neither whitespace nor punctuation to the pre-tokeniser
         return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(f"a{c}a")] == [f"a{c}a"]
 
-    word = sorted(c for c in set(normalised) if in_word(c))
-    if not word:
-        return []
-    after_word = "(?<=[" + "".join(re.escape(c) for c in word) + "])"
-    found, remaining, pos = [], set(word), 0
-    while remaining:  # one pass: each search finds the first continuing occurrence of a character not yet found
-        m = re.compile(after_word + "[" + "".join(re.escape(c) for c in sorted(remaining)) + "]").search(normalised, pos)
-        if m is None:
-            break
-        found.append(m.group())
-        remaining.discard(m.group())
-        pos = m.start() + 1
-    return sorted(found)
+    is_word = np.zeros(sys.maxunicode + 1, bool)
+    is_word[[ord(c) for c in set(normalised) if in_word(c)]] = True
+    follows_word = np.zeros(sys.maxunicode + 1, bool)
+    chunk = 1 << 24  # code points per pass (64 MiB as UTF-32); each chunk starts one back, to pair across
+    for i in range(0, len(normalised), chunk):
+        code = np.frombuffer(normalised[max(0, i - 1) : i + chunk].encode("utf-32-le"), np.uint32)
+        w = is_word[code]
+        follows_word[code[1:][w[1:] & w[:-1]]] = True
+    return [chr(c) for c in np.flatnonzero(follows_word)]
 
 
 def _reorderable(c: str) -> bool:
