@@ -209,8 +209,8 @@ def _source_hash() -> str:
 
 def rendered(args) -> tuple[pd.DataFrame, np.ndarray]:
     """(table, uint8 images (n, size, size)) of the phantom, rendered once and cached."""
-    table = phantom.make_table(args.patients, seed=args.seed)
-    key = f"phantom-v{phantom.VERSION}-{_source_hash()}-p{args.patients}-s{args.size}-seed{args.seed}.npy"
+    table = phantom.make_table(args.patients, seed=args.seed, version=args.version)
+    key = f"phantom-v{args.version}-{_source_hash()}-p{args.patients}-s{args.size}-seed{args.seed}.npy"
     path = Path(args.cache).expanduser() / key
     if path.is_file():
         images = np.load(path)
@@ -390,6 +390,8 @@ def main(argv=None) -> None:
                     help="N rounds of tuning the course's rates to CheXpert's label shares (prints the constants)")
     ap.add_argument("--patients", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--version", default=phantom.VERSION, choices=phantom.RENDER_VERSIONS,
+                    help="phantom renderer for --probe / --supervised (the table is the same in every version)")
     ap.add_argument("--size", type=int, default=64, help="rendered image size (px)")
     ap.add_argument("--pixels", type=int, default=32, help="raw-pixel features: side after area resizing")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -405,7 +407,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not any((args.structure, args.probe, args.supervised, args.speed, args.demo, args.calibrate)):
         ap.error("choose at least one of --structure, --probe, --supervised, --speed, --demo, --calibrate")
-    print(f"phantom VERSION {phantom.VERSION}; {' '.join(sys.argv)}")
+    print(f"phantom VERSION {phantom.VERSION} (rendering version {args.version}); {' '.join(sys.argv)}")
     for flag, fn in ((args.calibrate, run_calibrate), (args.structure, run_structure), (args.speed, run_speed), (args.demo, run_demo),
                      (args.probe, run_probe), (args.supervised, run_supervised)):
         if flag:

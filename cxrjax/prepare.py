@@ -39,7 +39,7 @@ def main(argv) -> None:
     manifest = prepare_dataset(
         f.source, f.out, src=f.src, size=f.size, fit=f.fit, max_aspect=f.max_aspect, bit_depth=f.bit_depth, pixels=f.pixels, workers=f.workers,
         shard_size=f.shard_size, compress_level=f.compress_level, name=f.name, strategies=f.strategies,
-        include_self=f.include_self, pairs_only=f.pairs_only, patients=f.patients, seed=f.seed,
+        include_self=f.include_self, pairs_only=f.pairs_only, patients=f.patients, seed=f.seed, phantom_version=f.phantom_version,
         csv_mapping=f.csv_mapping, image_ext=f.image_ext, reports=f.reports, progress=True,
     )
     print(summary(manifest))
@@ -71,6 +71,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("pairs_only", False, "Table + pair indexes from metadata alone, no images.")
     flags.DEFINE_integer("patients", 200, "Phantom: number of synthetic patients.")
     flags.DEFINE_integer("seed", 0, "Phantom: generator seed.")
+    flags.DEFINE_string("phantom_version", None, "Phantom: renderer version (default: the current one, "
+                        "cxrjax.data.phantom.VERSION; 2 = the films before real films' nuisance, docs/phantom.md).")
     flags.DEFINE_string("csv_mapping", None, "CSV: canonical=column pairs, e.g. path=File,patient_id=PID.")
     flags.DEFINE_string("image_ext", ".jpg", "MIMIC: image file extension (.jpg for MIMIC-CXR-JPG, .dcm for DICOM).")
     flags.DEFINE_string("reports", None, "OpenI NLMCXR_reports.tgz (or folder) -> reports.parquet (unpaired text).")

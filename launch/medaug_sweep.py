@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -40,15 +41,29 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("instance", "study-same_lat-same", "study-same_lat-different", "study-same_lat-any",
               "study-any_lat-any", "study-different_lat-any")
+# a §4.3 negative variant on top of a strategy is named strategy+variant (configs/moco_medaug.py's NEGATIVES)
+HARD_NEGATIVE_VARIANTS = ("lat-only", "reweight", "append", "synthetic")
 LABELS = {"instance": "MoCo v2, instance discrimination", "study-same_lat-same": "same study, same laterality",
           "study-same_lat-different": "same study, distinct lateralities",
           "study-same_lat-any": "same study, all lateralities", "study-any_lat-any": "all studies",
           "study-different_lat-any": "distinct studies", "random": "random init (no pre-training)",
-          "pixels": "raw pixels (32 x 32)", "imagenet": "ImageNet"}
+          "pixels": "raw pixels (32 x 32)", "imagenet": "ImageNet",
+          "study-same_lat-any+append": "same study, all lateralities + appended hard negatives (§4.3)",
+          "supervised": "supervised ceiling: random init fine-tuned end to end on the same labels"}
+POWER_SEEDS, POWER_STEPS, POWER_PATIENTS = "0,1,2,3,4", 400, 2400   # set from the pilot: see --power_from
+CEILING_EPOCHS = 12   # the supervised ceiling's fine-tuning epochs (benchmarks/phantom_check.py --supervised: 12)
 PRESETS = {
     # issue 14's "MedAug in miniature": the strategies MedAug's Table 1 compares, 3 seeds each
     "mini": dict(strategies="instance,study-same_lat-any,study-same_lat-same,study-any_lat-any,study-different_lat-any",
-                 seeds="0,1,2", steps=400, patients=600, label_seeds="0,1,2,3,4", fractions="0.01,0.1,1.0"),
+                 seeds="0,1,2", steps=400, patients=600, label_seeds="0,1,2,3,4", fractions="0.01,0.1,1.0",
+                 ceiling=False),
+    # issue 29's powered sweep: every Table 1 strategy, MedAug's best §4.3 variant (append, 0.875) and a
+    # supervised ceiling; seeds and patients from the power calculation on the v3 pilot (docs/medaug_results.md,
+    # `--power_from`), steps as many as the 90-minute budget leaves
+    "power": dict(strategies="instance,study-same_lat-same,study-same_lat-different,study-same_lat-any,"
+                             "study-any_lat-any,study-different_lat-any,study-same_lat-any+append",
+                  seeds=POWER_SEEDS, steps=POWER_STEPS, patients=POWER_PATIENTS, label_seeds="0,1,2,3,4",
+                  fractions="0.01,0.1,1.0", ceiling=True),
 }
 SOURCES = {"phantom": dict(tasks="Pleural Effusion", blank="zeros"),
            "shared": dict(tasks="Pleural Effusion,extra_finding=COVID-19", blank="ignore")}
@@ -69,6 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--fractions", default=None, help="label fractions (preset default)")
     p.add_argument("--tasks", default=None, help="linear-eval tasks (default per source)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--ceiling", type=int, default=None, help="1: add the supervised ceiling row (preset default)")
+    p.add_argument("--phantom_version", default=None, help="phantom renderer (default: the current one)")
+    p.add_argument("--power_from", default="", metavar="PILOT_OUT",
+                   help="print the power calculation from a finished sweep folder (a pilot) and exit")
+    p.add_argument("--power_target", type=float, default=0.03, help="--power_from: the delta to detect (AUC)")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
@@ -104,6 +124,8 @@ def prepare(args, out: Path) -> tuple[Path, float]:
     data = out / "data"
     cmd = [sys.executable, "-m", "cxrjax.prepare", f"--source={args.source}", f"--out={data}", "--size=64"]
     cmd += [f"--patients={args.patients}"] if args.source == "phantom" else [f"--src={args.src}"]
+    if args.source == "phantom" and args.phantom_version:
+        cmd += [f"--phantom_version={args.phantom_version}"]
     if (data / "manifest.json").is_file():
         return data, 0.0
     return data, run(cmd, args, out / "logs" / "prepare.log")
@@ -114,7 +136,9 @@ def pretrain(args, strategy: str, seed: int, data: Path, out: Path) -> tuple[Pat
     if (workdir / "checkpoints" / str(args.steps)).is_dir() and not args.dry_run:
         print(f"  {workdir} holds step {args.steps}; skipped", flush=True)
         return workdir, 0.0
-    config = "configs/moco_instance.py:demo" if strategy == "instance" else f"configs/moco_medaug.py:{strategy},demo"
+    base, *variants = strategy.split("+")
+    config = ("configs/moco_instance.py:demo" if strategy == "instance"
+              else f"configs/moco_medaug.py:{','.join([base, *variants])},demo")
     cmd = [sys.executable, "-m", "cxrjax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.data.dir={data}", f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.steps}",
            f"--config.seed={seed}", "--config.probe.every=0"]
@@ -228,9 +252,14 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in args.strategies.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    unknown = [s for s in strategies if s not in STRATEGIES and not s.startswith("study-")]
+    unknown = [s for s in strategies if s.split("+")[0] not in STRATEGIES and not s.startswith("study-")
+               or any(v not in HARD_NEGATIVE_VARIANTS for v in s.split("+")[1:])]
     if unknown:
-        raise SystemExit(f"medaug_sweep: unknown strategies {unknown}; MedAug's are {', '.join(STRATEGIES)}")
+        raise SystemExit(f"medaug_sweep: unknown strategies {unknown}; MedAug's are {', '.join(STRATEGIES)}, "
+                         f"each optionally +{'/+'.join(HARD_NEGATIVE_VARIANTS)}")
+    if args.power_from:
+        print(power_report(args, Path(args.power_from)))
+        return
 
     data, prepare_s = prepare(args, out)
     # a re-run (e.g. to redraw the figure) skips finished stages: their times come from the first run
@@ -251,12 +280,20 @@ def main(argv=None) -> None:
                                                             "--config.init=random", f"--config.seed={seed}",
                                                             f"--config.name=random-seed{seed}", "--config.baselines=()")
         evals.append(e)
+    if args.ceiling:   # supervised from scratch on each label draw: what the labels alone can reach
+        e, walls["evaluate supervised ceiling"] = evaluate(
+            args, "supervised", data, out, "--config.init=random", "--config.seed=0", "--config.name=ceiling",
+            "--config.baselines=()", "--config.finetune.enabled=True", f"--config.finetune.epochs={CEILING_EPOCHS}",
+            "--config.finetune.lr=1e-3")
+        evals.append(e)
     if args.dry_run:
         return
     names = pd.read_parquet(ev_main / "predictions.parquet").model.unique().tolist()
     methods = match_models(names, strategies, seeds, checkpoints)
     methods["random"] = [f"random-seed{s}" for s in seeds]
     methods["pixels"] = ["pixels"]
+    if args.ceiling:
+        methods["supervised"] = ["ceiling (fine-tuned)"]
     reference = "instance" if "instance" in methods else strategies[0]
     t_analysis = time.time()
     df = analyse(args, out, data, methods, evals, reference)
@@ -277,6 +314,53 @@ def main(argv=None) -> None:
     print(header + markdown(df, reference), flush=True)
 
 
+def power_report(args, pilot: Path) -> str:
+    """The power calculation (cxrjax/eval/power.py) from a finished sweep: per label fraction and strategy, the
+    variance components of its delta vs instance discrimination, the minimum detectable difference (80 % power,
+    two-sided 5 %) at the pilot's size and at this preset's, and the cheapest (seeds, patients) reaching
+    --power_target for every strategy at that fraction."""
+    from cxrjax.eval import power
+
+    meta = json.loads((pilot / "sweep.json").read_text())
+    pa = argparse.Namespace(**meta["args"])
+    methods = {m: v for m, v in meta["methods"].items() if m in STRATEGIES or "+" in m}
+    evals = sorted(p for p in (pilot / "eval").iterdir() if (p / "predictions.parquet").is_file())
+    preds = pd.concat([pd.read_parquet(e / "predictions.parquet") for e in evals], ignore_index=True)
+    preds = preds.drop_duplicates(["model", "task", "fraction", "seed", "row"])
+    table = pd.read_parquet(Path(pa.data_dir or pilot / "data") / "table.parquet", columns=["patient_id", "split"])
+    test_share = table.loc[table.split == "test", "patient_id"].nunique() / table["patient_id"].nunique()
+    seeds_now, patients_now = len(args.seeds.split(",")), args.patients
+    lines = [f"Power from the pilot {pilot} ({pa.strategies}; seeds {pa.seeds}; {pa.steps} steps; {pa.patients} "
+             f"patients, {test_share:.1%} of them in test): 80 % power, two-sided 5 %; MDE = minimum detectable "
+             f"difference of the paired delta vs instance discrimination (AUC).", "",
+             f"| task | labels | strategy | pilot delta | SD seeds (per-seed delta) | SD per test patient | MDE at the "
+             f"pilot's size | MDE at {seeds_now} seeds x {patients_now} patients |", "|---|---|---|---|---|---|---|---|"]
+    plans = []
+    for task in pa.tasks.split(","):
+        for fraction in [float(f) for f in pa.fractions.split(",")]:
+            scores, rows, labels = scores_by_method(preds, methods, task, fraction)
+            if labels.sum() in (0, len(labels)):
+                continue
+            clusters = table["patient_id"].to_numpy()[rows]
+            comps = []
+            for m in methods:
+                if m == "instance":
+                    continue
+                c = power.delta_variance(scores[m], scores["instance"], labels, clusters, samples=args.bootstrap)
+                comps.append(c)
+                planned = max(1, round(patients_now * test_share))
+                lines.append(f"| {task} | {fraction:.0%} | {LABELS.get(m, m)} | {c.delta:+.3f} | {math.sqrt(c.s2_seed):.3f} | "
+                             f"{math.sqrt(c.u_patient):.3f} | {c.mde(c.seeds, c.patients):.3f} | {c.mde(seeds_now, planned):.3f} |")
+            best = power.plan(comps, args.power_target, seed_options=range(2, 11),
+                              patient_options=range(50, 2001, 10),
+                              cost=lambda s, n: s * (60 + n / test_share * 0.01))   # pre-training dominates
+            plans.append(f"- {task}, {fraction:.0%}: " + (
+                f"{best[0]} seeds x {best[1]} test patients (~{round(best[1] / test_share)} patients) reach MDE "
+                f"{best[2]:.3f} <= {args.power_target}" if best else
+                f"no option up to 10 seeds x 2000 test patients reaches {args.power_target}"))
+    return "\n".join(lines + ["", "Cheapest size reaching the target for every strategy:"] + plans) + "\n"
+
+
 def match_models(names, strategies, seeds, checkpoints) -> dict[str, list[str]]:
     """The evaluation's row names of each strategy's checkpoints, in seed order. linear_eval names a run
     `<strategy>@<step>`, and a repeated name `<strategy>@<step> (<workdir>)`."""
@@ -284,9 +368,10 @@ def match_models(names, strategies, seeds, checkpoints) -> dict[str, list[str]]:
     for s in strategies:
         mine = []
         for workdir in checkpoints[s]:
-            hit = [n for n in names if n.endswith(f"({workdir})") and n.startswith(f"{s}@")]
+            base = s.split("+")[0]   # a variant's run is named after its strategy
+            hit = [n for n in names if n.endswith(f"({workdir})") and n.startswith(f"{base}@")]
             if not hit:  # the first run of that name carries no workdir
-                hit = [n for n in names if n.startswith(f"{s}@") and "(" not in n]
+                hit = [n for n in names if n.startswith(f"{base}@") and "(" not in n]
             if len(hit) != 1:
                 raise SystemExit(f"medaug_sweep: cannot find the evaluation row of {workdir} among {names}")
             mine.append(hit[0])

@@ -8,6 +8,7 @@ pandas from the table alone.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -57,12 +58,19 @@ def cohort():
 
 @pytest.fixture(scope="module")
 def table():
-    return phantom.make_table(200, seed=0)
+    # version 2's positioning is tight: the anatomy tests below read findings at fixed image coordinates
+    # (the anatomy and findings are drawn by the same code in both versions; version 3 is tested below)
+    return phantom.make_table(200, seed=0, version="2")
 
 
 @pytest.fixture(scope="module")
 def small():
-    return phantom.make_table(12, seed=5)
+    return phantom.make_table(12, seed=5, version="2")
+
+
+@pytest.fixture(scope="module")
+def small3():
+    return phantom.make_table(12, seed=5, version="3")
 
 
 def _region(img, x0, x1, y0, y1):
@@ -82,7 +90,10 @@ def _edit(row, **labels):
 
 
 def test_version_tag():
-    assert isinstance(phantom.VERSION, str) and phantom.VERSION and phantom.VERSION != "1"
+    assert phantom.VERSION == "3" and phantom.RENDER_VERSIONS == ("2", "3")
+    assert (phantom.make_table(3)["extra_phantom_version"] == "3").all()
+    with pytest.raises(ValueError, match="phantom version '1'"):
+        phantom.make_table(3, version="1")
 
 
 def test_table_is_canonical(table):
@@ -308,7 +319,9 @@ def test_make_table_is_deterministic():
                                   a[a["study_id"].isin(common)].reset_index(drop=True))
 
 
-def test_render_is_deterministic_and_row_local(small):
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_render_is_deterministic_and_row_local(version):
+    small = phantom.make_table(12, seed=5, version=version)
     imgs = phantom.render_images(small, size=SIZE)
     assert imgs.shape == (len(small), SIZE, SIZE) and imgs.dtype == np.uint8
     again = phantom.render_images(small, size=SIZE)
@@ -318,7 +331,7 @@ def test_render_is_deterministic_and_row_local(small):
     for i in (0, len(small) // 2, len(small) - 1):
         alone = phantom.render_image(small.iloc[i].to_dict(), size=SIZE)
         assert np.array_equal(alone, imgs[i])
-    other = phantom.render_images(phantom.make_table(12, seed=6), size=SIZE)
+    other = phantom.render_images(phantom.make_table(12, seed=6, version=version), size=SIZE)
     assert not np.array_equal(other[0], imgs[0])
     # two images of one study are different images
     st = small.groupby("study_id").filter(lambda g: len(g) >= 2)
@@ -445,3 +458,120 @@ def test_sample_grid_and_cli(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "cxrjax.data.phantom", "--bench=4", "--size=32"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "images/s" in r.stdout, r.stderr
+
+
+# --- version 3: real films' per-image nuisance ---------------------------------------------------------
+
+# Measured on ../shared/data's 1,000 NIH ChestX-ray14 films at 64 px by benchmarks/film_nuisance.py
+# (2026-12-07; docs/phantom.md): the real films' spread that version 3 is calibrated to.
+NIH_NUISANCE = {"shift y, % of width (robust SD)": 8.9, "scale, % (robust SD)": 14.1,
+                "shift x, % of width (robust SD)": 2.93, "rotation, degrees (robust SD)": 2.44,
+                "mean grey level: SD over films": 23.2, "grey-level SD (contrast): SD over films": 10.5,
+                "2nd percentile grey: SD over films": 16.3, "98th percentile grey: SD over films": 19.0}
+
+
+def _film_nuisance():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import film_nuisance
+
+    return film_nuisance
+
+
+def test_version_2_renders_as_before():
+    """Version 2 stays selectable and unchanged: the digest of 80 images rendered by the version-2
+    generator before version 3 existed (commit 6377989)."""
+    import hashlib
+
+    t = phantom.make_table(30, seed=0, version="2")
+    h = hashlib.sha256()
+    for _, r in t.iterrows():
+        for s in (64, 200):
+            h.update(phantom.render_image(r, s).tobytes())
+    assert len(t) == 80 and h.hexdigest()[:16] == "6142fa078c315c93"
+    # a table written before the version column existed renders as version 2
+    old = t.drop(columns=["extra_phantom_version"]).iloc[0].to_dict()
+    assert np.array_equal(phantom.render_image(old, 64), phantom.render_image(t.iloc[0], 64))
+
+
+def test_tables_of_both_versions_differ_only_in_the_version_column():
+    a, b = phantom.make_table(20, seed=1, version="2"), phantom.make_table(20, seed=1, version="3")
+    pd.testing.assert_frame_equal(a.drop(columns="extra_phantom_version"), b.drop(columns="extra_phantom_version"))
+    assert not np.array_equal(phantom.render_image(a.iloc[0], 64), phantom.render_image(b.iloc[0], 64))
+
+
+def test_version_3_spread_matches_real_films_and_version_2_does_not():
+    fn = _film_nuisance()
+    spread = {}
+    for v in ("2", "3"):
+        images, _ = fn.phantom_frontals(100, v)
+        spread[v], _ = fn.measure(images, rounds=2)
+    for key, real in NIH_NUISANCE.items():
+        assert 0.7 * real < spread["3"][key] < 1.35 * real, (key, spread["3"][key], real)
+    # the knobs version 3 adds: version 2 is far from the real films in each
+    for key in ("shift y, % of width (robust SD)", "scale, % (robust SD)", "2nd percentile grey: SD over films",
+                "98th percentile grey: SD over films"):
+        assert spread["2"][key] < 0.6 * NIH_NUISANCE[key], (key, spread["2"][key])
+
+
+def test_registration_recovers_planted_positioning():
+    """The measuring tool measures what it claims: films of one patient shifted / rotated / scaled by
+    known amounts come back with those amounts."""
+    import cv2
+
+    fn = _film_nuisance()
+    base = phantom.render_image(phantom.make_table(1, seed=0, version="2").iloc[0], 64).astype(np.float32)
+    rng = np.random.default_rng(0)
+    films, truth = [], []
+    for _ in range(40):
+        dx, dy, rot, sc = rng.normal(0, 2.0), rng.normal(0, 3.0), rng.normal(0, 3.0), np.exp(rng.normal(0, 0.06))
+        m = cv2.getRotationMatrix2D((31.5, 31.5), -rot, sc)   # OpenCV: positive angle = counter-clockwise
+        m[:, 2] += (dx, dy)
+        films.append(cv2.warpAffine(base, m, (64, 64), borderMode=cv2.BORDER_REPLICATE))
+        truth.append((100 * dx / 64, 100 * dy / 64, rot, 100 * np.log(sc)))
+    _, geo = fn.measure(np.clip(np.stack(films), 0, 255).astype(np.uint8), rounds=2)
+    truth = np.array(truth)
+    for j, k in enumerate(("shift_x", "shift_y", "rotation", "scale")):
+        assert np.corrcoef(geo[k], truth[:, j])[0, 1] > 0.9, k
+
+
+def test_version_3_takes_differ_while_findings_persist(table):
+    """Re-filming one study (a new image id: new positioning and acquisition) changes the film, not its
+    findings; the frontal and the lateral of one study have their own positioning."""
+    from cxrjax.data.phantom.render import render_scene
+    from cxrjax.data.phantom.scene import image_geom, scene
+
+    rows = table[(table["view"] == "PA") & (table["Pleural Effusion"] == 1)]
+    rows = [r for _, r in rows.iterrows() if _effusion_word(r["report"]) in ("moderate", "large")][:3]
+    assert len(rows) == 3
+    for row in rows:
+        sc, clean = scene(row), scene(_edit(row, Pleural_Effusion=0.0))
+        takes = []
+        for k in range(4):
+            image_id = f"{row['image_id']}#take{k}"
+            a = render_scene(sc, image_id, 64, "3").astype(float)
+            b = render_scene(clean, image_id, 64, "3").astype(float)
+            assert ((a - b) > 15).sum() > 20, (row["image_id"], k)   # the effusion shows in every take
+            takes.append(a)
+        assert min(np.abs(takes[i] - takes[j]).mean() for i in range(4) for j in range(i)) > 5
+    both = table.groupby("study_id").filter(lambda g: set(g["laterality"]) == {"frontal", "lateral"})
+    ids = both[both["study_id"] == both["study_id"].iloc[0]]["image_id"].tolist()
+    g = [image_geom(0, i, "3")[0] for i in ids]
+    assert (g[0].tx, g[0].ty, g[0].scale) != (g[1].tx, g[1].ty, g[1].scale)
+
+
+def test_cache_names_and_manifest_carry_the_version(tmp_path):
+    import ml_collections as mlc
+
+    from cxrjax import prepare
+    from cxrjax.train import contrastive
+
+    ph = mlc.ConfigDict(dict(patients=300, size=64, seed=0, version="2"))
+    assert contrastive.phantom_cache_name(ph) == "phantom-v2-p300-s64-seed0"
+    ph.version = "3"
+    assert contrastive.phantom_cache_name(ph) == "phantom-v3-p300-s64-seed0"
+    assert contrastive.default_config().phantom.version == phantom.VERSION
+    m = prepare.prepare_dataset("phantom", tmp_path / "d", patients=6, size=32, seed=0, phantom_version="2",
+                                workers=1, strategies=["instance"])
+    assert m["phantom"]["version"] == "2"
+    t = pd.read_parquet(tmp_path / "d" / "table.parquet")
+    assert (t["extra_phantom_version"] == "2").all()

@@ -24,12 +24,13 @@ from cxrjax.data import images, pairs, records, schema
 SOURCES = ("phantom", "chexpert", "mimic", "nih", "shared", "covid", "dicom", "csv")
 
 
-def _table_and_bad(source: str, src, *, patients: int, seed: int, csv_mapping: str | None, image_ext: str):
+def _table_and_bad(source: str, src, *, patients: int, seed: int, csv_mapping: str | None, image_ext: str,
+                   phantom_version: str | None = None):
     """(table, bad inputs, image root) from a dataset's own files, or the phantom generator."""
     if source == "phantom":
         from cxrjax.data import phantom
 
-        return phantom.make_table(patients, seed=seed), [], None
+        return phantom.make_table(patients, seed=seed, version=phantom_version), [], None
     if src is None:
         raise schema.MetadataError(f"--src is required for --source={source} (the dataset's folder or file)")
     from cxrjax.data import metadata
@@ -113,6 +114,7 @@ def prepare_dataset(
     pairs_only: bool = False,
     patients: int = 200,
     seed: int = 0,
+    phantom_version: str | None = None,
     csv_mapping: str | None = None,
     image_ext: str = ".jpg",
     reports=None,
@@ -136,6 +138,7 @@ def prepare_dataset(
 
     t0 = time.perf_counter()
     table, bad, root = _table_and_bad(source, src, patients=patients, seed=seed, csv_mapping=csv_mapping,
+                                      phantom_version=phantom_version,
                                       image_ext=image_ext)
     table = schema.validate_table(table, where=f"--source={source}")
     timings["metadata_s"] = round(time.perf_counter() - t0, 3)
@@ -194,7 +197,8 @@ def prepare_dataset(
         "name": name,
         "source": source,
         "src": str(Path(src).resolve()) if src else None,
-        "phantom": {"patients": patients, "seed": seed} if source == "phantom" else None,
+        "phantom": ({"patients": patients, "seed": seed, "version": str(table["extra_phantom_version"].iloc[0])}
+                    if source == "phantom" and len(table) else None),
         "pairs_only": pairs_only,
         "records": record_info,
         "counts": manifest_counts(table),

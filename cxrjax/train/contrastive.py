@@ -89,7 +89,8 @@ def default_config():
     c.data.tfds = mlc.ConfigDict(dict(name="", data_dir="", split="train", feature_map=dict(
         image="image", image_id="", patient_id="", study_id="", study_order="", view="", laterality="",
         report="", labels="", **dict.fromkeys(tfds_source.LABEL_KEYS, ""))))  # labels: vector, or one by one
-    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
+    # version: the phantom's renderer (docs/phantom.md); "2" = the films before real films' nuisance
+    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0, version=phantom_version()))
     # MedAug (--aug-setting chexpert --rotate 10 --maintain-ratio, crop 320): Resize(320) of the shorter
     # side, aspect kept -> horizontal flip -> rotation +-10 deg -> random 320 x 320 crop; evaluation:
     # Resize(320) -> CenterCrop(320). Normalisation: their CheXpert mean / std.
@@ -215,12 +216,19 @@ def prepared_data_dir(config, note) -> str:
     return str(d)
 
 
+def phantom_version() -> str:
+    """The phantom renderer a config gets by default: the current one."""
+    from cxrjax.data import phantom
+
+    return phantom.VERSION
+
+
 def phantom_cache_name(ph) -> str:
     """The cache folder of a phantom: its generator version too, so a changed generator never serves
     images of an older one."""
     from cxrjax.data import phantom
 
-    return f"phantom-v{phantom.VERSION}-p{ph.patients}-s{ph.size}-seed{ph.seed}"
+    return f"phantom-v{ph.get('version') or phantom.VERSION}-p{ph.patients}-s{ph.size}-seed{ph.seed}"
 
 
 def prepare_phantom_once(d: Path, ph, note) -> None:
@@ -238,6 +246,7 @@ def prepare_phantom_once(d: Path, ph, note) -> None:
         from cxrjax import prepare
 
         prepare.prepare_dataset("phantom", d, patients=ph.patients, size=ph.size, seed=ph.seed,
+                                phantom_version=ph.get("version") or None,
                                 progress=jax.process_index() == 0)
 
 

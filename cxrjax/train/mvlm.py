@@ -70,7 +70,8 @@ def default_config():
         text_source="records",  # 'records' (unpaired patients' reports) or 'reports' (reports.parquet)
         num_workers=-1, read_threads=2, device_prefetch=2, max_corrupt=100,
     ))
-    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0))
+    # version: the phantom's renderer (docs/phantom.md); "2" = the films before real films' nuisance
+    c.phantom = mlc.ConfigDict(dict(patients=2000, size=256, seed=0, version=contrastive.phantom_version()))
     # Mild geometry only: the report describes sides ("right pleural effusion"), so no flips.
     c.augment = mlc.ConfigDict(dict(
         size=224, crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation=5.0, hflip_prob=0.0,

@@ -36,10 +36,15 @@ from .reports import study_report
 from .streams import stable_int_hash
 from .table import SOURCE, make_table
 
-VERSION = "2"   # 1: the single-module phantom (<= 1 frontal + 1 lateral per study); 2: CheXpert structure, graded findings
+# 1: the single-module phantom (<= 1 frontal + 1 lateral per study); 2: CheXpert structure, graded findings;
+# 3: real films' per-image nuisance (positioning, inspiration, exposure, tone, scatter, grid, collimation,
+#    burnt-in text, external devices), docs/phantom.md. The table is the same in 2 and 3; the row's
+#    `extra_phantom_version` picks the renderer (a table without it was made by version 2).
+VERSION = "3"
+RENDER_VERSIONS = ("2", "3")
 
 __all__ = [
-    "VERSION", "SOURCE", "make_table", "render_image", "render_images", "write_sample_grid", "main",
+    "VERSION", "RENDER_VERSIONS", "SOURCE", "make_table", "render_image", "render_images", "write_sample_grid", "main",
     "tune_allocator", "patient_anatomy", "Anatomy", "patient_course", "patient_latent", "study_state",
     "StudyState", "study_labels", "study_report", "stable_int_hash", "FINDINGS",
 ]

@@ -2,6 +2,7 @@
 
     python -m cxrjax.data.phantom --grid=/tmp/phantom_grid.png --patients=4 --seed=0 --size=256
     python -m cxrjax.data.phantom --bench=500 --size=64      # images/s on one core
+    python -m cxrjax.data.phantom --takes=docs/phantom_takes.png --size=128   # one study, v2 beside v3, 6 takes
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 from cxrjax.data.schema import CHEXPERT_LABELS
 
 from .raster import tune_allocator
-from .render import render_image
+from .render import render_image, render_scene
+from .scene import scene
 from .table import make_table
 
 _SHORT = {"No Finding": "normal", "Enlarged Cardiomediastinum": "ECM", "Cardiomegaly": "cardiomeg", "Lung Opacity": "opac",
@@ -53,6 +55,32 @@ def write_sample_grid(path, n_patients: int = 4, seed: int = 0, size: int = 256,
     return str(path)
 
 
+def write_takes(path, seed: int = 0, size: int = 128, takes: int = 6, versions=("2", "3")) -> str:
+    """PNG: the frontal and the lateral of one study rendered `takes` times (as if re-filmed: each take its
+    own positioning and acquisition, findings unchanged), one row per (version, view)."""
+    from PIL import Image, ImageDraw
+
+    table = make_table(40, seed)
+    both = table.groupby("study_id")["laterality"].agg(lambda v: {"frontal", "lateral"} <= set(v))
+    effusion = table.groupby("study_id")["Pleural Effusion"].max() == 1.0
+    sid = both[both & effusion].index[0]   # a finding to see unchanged through every take
+    study = table[table["study_id"] == sid].drop_duplicates("laterality")
+    cap = 14
+    rows = [(v, row) for v in versions for _, row in study.iterrows()]
+    canvas = Image.new("L", (takes * (size + 4) + 60, len(rows) * (size + cap + 4)), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, (v, row) in enumerate(rows):
+        y0 = i * (size + cap + 4)
+        draw.text((2, y0 + size // 2), f"v{v}\n{row['view']}", fill=255)
+        sc = scene(row)
+        for k in range(takes):
+            image_id = row["image_id"] if k == 0 else f"{row['image_id']}#take{k}"
+            canvas.paste(Image.fromarray(render_scene(sc, image_id, size, v)), (60 + k * (size + 4), y0))
+        draw.text((62, y0 + size + 1), f"{sid}: " + (_caption(row)[1] or "no finding"), fill=200)
+    canvas.save(str(path))
+    return str(path)
+
+
 def bench(n: int, size: int, seed: int = 0) -> float:
     table = make_table(max(1, n // 2), seed)
     rows = [r for _, r in table.iterrows()][:n]
@@ -73,9 +101,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--max_studies", type=int, default=4)
     ap.add_argument("--bench", type=int, default=0, help="render this many images and print images/s")
+    ap.add_argument("--takes", help="write a PNG of one study rendered several times, version 2 beside version 3")
     args = ap.parse_args(argv)
-    if not args.grid and not args.bench:
-        ap.error("nothing to do: pass --grid=OUT.png and/or --bench=N")
+    if not args.grid and not args.bench and not args.takes:
+        ap.error("nothing to do: pass --grid=OUT.png, --takes=OUT.png and/or --bench=N")
+    if args.takes:
+        print(f"wrote {write_takes(args.takes, args.seed, args.size)}: one study, 6 takes, versions 2 and 3")
     if args.grid:
         out = write_sample_grid(args.grid, args.patients, args.seed, args.size, args.max_studies)
         print(f"wrote {out}: {args.patients} patients, seed {args.seed}, {args.size}x{args.size}")

@@ -1,15 +1,18 @@
-"""Render a table row to a radiograph: the view's attenuation map, then acquisition (exposure, tone,
-noise, collimation, a side marker) drawn per image, so two images of one study differ."""
+"""Render a table row to a radiograph: the view's attenuation map, then acquisition drawn per image, so two
+images of one study differ: version 2 a narrow exposure / tone / noise range, collimation and a side marker;
+version 3 real films' spread of positioning and acquisition (acquisition.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from . import acquisition
 from .frontal import frontal
 from .lateral import lateral
 from .raster import NO_SPLAT, Ctx, Splat, noise, pixel_grid
 from .scene import Scene, image_geom, scene
+from .streams import rng
 
 
 def _marker(B, size, u):
@@ -27,13 +30,15 @@ def _marker(B, size, u):
 
 def render_image(row, size: int = 256) -> np.ndarray:
     """The (size, size) uint8 radiograph of one table row (bright = dense); deterministic."""
-    return render_scene(scene(row), str(row["image_id"]), size)
+    version = str(row.get("extra_phantom_version", "2") or "2")   # tables without the column are version 2's
+    return render_scene(scene(row), str(row["image_id"]), size, version)
 
 
-def render_scene(sc: Scene, image_id: str, size: int = 256) -> np.ndarray:
+def render_scene(sc: Scene, image_id: str, size: int = 256, version: str = "2") -> np.ndarray:
     """The radiograph of a scene as image `image_id` (its positioning and acquisition) would show it."""
-    geom, r_img = image_geom(sc.seed, image_id)
-    acq = r_img.random(20).tolist()   # python floats: keep the arrays float32
+    geom, r_img = image_geom(sc.seed, image_id, version)
+    if version != "2":
+        sc = acquisition.per_image_scene(sc, image_id)
     draw = lateral if sc.view == "LATERAL" else frontal
     A = np.empty((size, size), np.float32)
     splat = Splat(Ctx(size, geom, 0, 1))
@@ -41,7 +46,19 @@ def render_scene(sc: Scene, image_id: str, size: int = 256) -> np.ndarray:
     for t0 in range(0, size, rows):   # tiles of rows; lines are drawn once, by the first tile
         ctx = Ctx(size, geom, t0, min(size, t0 + rows))
         A[ctx.t0:ctx.t1] = draw(sc, ctx, splat if t0 == 0 else NO_SPLAT)
+    if version != "2":
+        r_acq = rng(sc.seed, "acquisition-v3", image_id)
+        acquisition.draw_electrodes(sc, Ctx(size, geom), splat, A, r_acq)
+        splat.render(A)
+        return (acquisition.acquire(A, r_acq) * 255.0 + 0.5).astype(np.uint8)
     splat.render(A)
+    return _acquire_v2(A, r_img)
+
+
+def _acquire_v2(A: np.ndarray, r_img) -> np.ndarray:
+    """Version 2's acquisition: a narrow exposure / tone / noise range, white collimation, a corner marker."""
+    size = A.shape[0]
+    acq = r_img.random(20).tolist()   # python floats: keep the arrays float32
     xi, yi = pixel_grid(size)
     # acquisition: exposure, uneven field, window to the full range, gamma, quantum noise
     B = 1.0 - np.exp(-(0.85 + 0.35 * acq[0]) * np.maximum(A, 0.0))

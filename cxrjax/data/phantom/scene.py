@@ -7,6 +7,7 @@ lobe, size, severity) from the patient's latent course, so a row alone re-render
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,13 +66,34 @@ def scene(row) -> Scene:
                  texture_key=str(row["study_id"]), seed=seed)
 
 
-def image_geom(seed: int, image_id: str) -> tuple[Geom, np.random.Generator]:
-    """Patient positioning of one image (rotation, shift, magnification) and its acquisition stream."""
-    r = rng(seed, "image", image_id)
+def image_geom(seed: int, image_id: str, version: str = "2") -> tuple[Geom, np.random.Generator]:
+    """Patient positioning of one image (rotation, shift, magnification) and its acquisition stream.
+
+    Version 2: a well-centred patient (rotation SD 2 degrees, shift SD 1.5 % of the width, scale SD 4 %).
+    Version 3: the spread measured on real films (`benchmarks/film_nuisance.py`, docs/phantom.md) from a
+    stream of its own, so version 2's images are unchanged."""
+    if version == "2":
+        r = rng(seed, "image", image_id)
+        n = r.standard_normal(4)
+        geom = Geom(rot=float(np.clip(n[0], -2.5, 2.5)) * 0.035, tx=float(np.clip(n[1], -2, 2)) * 0.03,
+                    ty=float(np.clip(n[2], -2, 2)) * 0.03 + 0.02, scale=float(1.0 + 0.04 * np.clip(n[3], -2, 2)))
+        return geom, r
+    r = rng(seed, "image-v3", image_id)
     n = r.standard_normal(4)
-    geom = Geom(rot=float(np.clip(n[0], -2.5, 2.5)) * 0.035, tx=float(np.clip(n[1], -2, 2)) * 0.03,
-                 ty=float(np.clip(n[2], -2, 2)) * 0.03 + 0.02, scale=float(1.0 + 0.04 * np.clip(n[3], -2, 2)))
+    p = POSITIONING_V3
+    geom = Geom(rot=math.radians(p["rotation_sd_deg"]) * float(np.clip(n[0], -2.5, 2.5)),
+                tx=2 * p["shift_x_sd"] * float(np.clip(n[1], -2.5, 2.5)),
+                ty=2 * p["shift_y_sd"] * float(np.clip(n[2], -2.5, 2.5)) + p["shift_y_mean"],
+                scale=float(math.exp(p["log_scale_mean"] + p["log_scale_sd"] * float(np.clip(n[3], -2.5, 2.5)))))
     return geom, r
+
+
+# Version 3's positioning, per image: SDs as fractions of the image width (shift), degrees and log-scale,
+# set to the robust SDs measured on NIH's 64 px films (benchmarks/film_nuisance.py, docs/phantom.md);
+# the mean scale makes the chest fill the film as it does on real films (the phantom's chest at scale 1
+# is ~0.75 of the width).
+POSITIONING_V3 = {"rotation_sd_deg": 2.0, "shift_x_sd": 0.025, "shift_y_sd": 0.08, "shift_y_mean": 0.02,
+                  "log_scale_mean": 0.1, "log_scale_sd": 0.07}
 
 
 def patchy(sc: Scene, X, Y, n: int, key: str):
