@@ -50,7 +50,7 @@ LABELS = {"instance": "MoCo v2, instance discrimination", "study-same_lat-same":
           "pixels": "raw pixels (32 x 32)", "imagenet": "ImageNet",
           "study-same_lat-any+append": "same study, all lateralities + appended hard negatives (§4.3)",
           "supervised": "supervised ceiling: random init fine-tuned end to end on the same labels"}
-POWER_SEEDS, POWER_STEPS, POWER_PATIENTS = "0,1,2,3,4", 400, 2400   # set from the pilot: see --power_from
+POWER_SEEDS, POWER_STEPS, POWER_PATIENTS = "0,1,2,3,4", 400, 5000   # from the v3 pilot: docs/medaug_results.md
 CEILING_EPOCHS = 12   # the supervised ceiling's fine-tuning epochs (benchmarks/phantom_check.py --supervised: 12)
 PRESETS = {
     # issue 14's "MedAug in miniature": the strategies MedAug's Table 1 compares, 3 seeds each
@@ -59,7 +59,7 @@ PRESETS = {
                  ceiling=False),
     # issue 29's powered sweep: every Table 1 strategy, MedAug's best §4.3 variant (append, 0.875) and a
     # supervised ceiling; seeds and patients from the power calculation on the v3 pilot (docs/medaug_results.md,
-    # `--power_from`), steps as many as the 90-minute budget leaves
+    # `--power_from`: 1 % labels, MDE <= 0.03 at 80 % power); steps the pilot's, where its variances were measured
     "power": dict(strategies="instance,study-same_lat-same,study-same_lat-different,study-same_lat-any,"
                              "study-any_lat-any,study-different_lat-any,study-same_lat-any+append",
                   seeds=POWER_SEEDS, steps=POWER_STEPS, patients=POWER_PATIENTS, label_seeds="0,1,2,3,4",

@@ -513,6 +513,33 @@ def test_external_label_splits_end_to_end(tmp_path, tiny_run, capsys):
     assert "split_0.05-it1.csv:33" in out and "test split 'test'" in out
 
 
+def test_every_draw_at_100_percent_is_fine_tuned_once(tmp_path, tiny_run, monkeypatch):
+    """At 100 % all label draws are one image set: fine-tuning runs once per distinct sample and its
+    scores stand for each draw (the sweep's supervised ceiling would otherwise fine-tune it 5 times)."""
+    from cxrjax.eval import linear_eval
+
+    data, run = tiny_run
+    calls = []
+
+    def fake(config, encoder, data_dir, rows, targets, aug, seed, mesh):
+        calls.append((len(rows), seed))
+        n_test = int((pd.read_parquet(data / "table.parquet").split == "test").sum())
+        return np.random.default_rng(len(calls)).normal(size=(n_test, targets.shape[1]))
+
+    monkeypatch.setattr(linear_eval, "finetuned_scores", fake)
+    cfg = eval_config(data, checkpoint=str(run), baselines=())
+    cfg.finetune.enabled = True
+    linear_eval.evaluate(cfg, str(tmp_path / "eval"))
+    table = pd.read_parquet(data / "table.parquet")
+    n_train = int((table.split == "train").sum())
+    # two distinct 10 % draws, then one fine-tune for the two identical 100 % draws
+    assert [s for _, s in calls] == [0, 1, 0] and calls[2][0] == n_train and calls[0][0] < n_train
+    per_seed = pd.read_csv(tmp_path / "eval" / "per_seed.csv")
+    tuned = per_seed[per_seed.model.str.endswith("(fine-tuned)") & (per_seed.fraction == 1.0)]
+    assert sorted(tuned.seed.unique()) == [0, 1]
+    assert tuned.groupby("task").auc.nunique().eq(1).all()   # the same scores for both draws
+
+
 @pytest.mark.slow
 def test_finetune_trains_the_encoder_end_to_end(tiny_run):
     from flax import nnx

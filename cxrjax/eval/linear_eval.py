@@ -296,6 +296,9 @@ def evaluate(config, workdir: str):
     note(f"Probing {len(models)} model(s) x {len(tasks)} task(s) x {len(config.fractions)} fraction(s) x "
          f"{len(config.seeds)} seed(s) ...")
     per_seed, preds = [], []
+    # every draw at 100 % is the same image set: fine-tune it once (the first draw's seed) and let its scores
+    # stand for the others, as the frozen probe's copies do -- fine-tuning is the costly part of the run
+    tuned_scores = {}
     for (fraction, seed), sample in samples.items():
         rows = sample["rows"]
         ys = targets[rows]
@@ -317,8 +320,10 @@ def evaluate(config, workdir: str):
                                                            tol=config.probe.tol)
             results = [(model, linear.predict(probe, x_te), probe.final_loss, probe.iterations)]
             if model in tuned_models:
-                results.append((f"{model} (fine-tuned)", finetuned_scores(config, enc, data_dir, rows, targets, aug,
-                                                                         seed, mesh), np.nan, 0))
+                key = (model, rows.tobytes())
+                if key not in tuned_scores:
+                    tuned_scores[key] = finetuned_scores(config, enc, data_dir, rows, targets, aug, seed, mesh)
+                results.append((f"{model} (fine-tuned)", tuned_scores[key], np.nan, 0))
             for label, scores, final_loss, iterations in results:
                 for j, t in enumerate(tasks):
                     per_seed.append(dict(model=label, task=t.name, fraction=fraction, seed=seed,
