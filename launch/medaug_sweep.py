@@ -6,6 +6,8 @@ seeds and test patients, paired deltas against instance discrimination, and a fi
     python launch/medaug_sweep.py --preset=mini --out=runs/sweep-mini                     # phantom, ~60 min, 2 CPU cores
     python launch/medaug_sweep.py --preset=mini --source=shared --out=runs/sweep-shared    # ../shared/data, real images
     python launch/medaug_sweep.py --preset=mini --out=runs/x --dry_run                     # print the commands
+    python launch/medaug_sweep.py --preset=power --out=runs/sweep-power                    # powered: ~53 min, 2 cores
+    python launch/medaug_sweep.py --preset=power --power_from=runs/pilot --out=runs/x      # power from a finished sweep
 
 Every stage is a subprocess running a user-facing command (printed before it runs; `OUT/logs/`), so a
 stage can be re-run by hand, and re-running the sweep resumes: finished pre-trainings are skipped by the

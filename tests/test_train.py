@@ -23,7 +23,12 @@ def phantom_dir(tmp_path_factory):
     from cxrjax import prepare
 
     d = tmp_path_factory.mktemp("phantom")
-    prepare.prepare_dataset("phantom", d, patients=60, size=48, workers=1, strategies=["study-same_lat-any"])
+    # version 2: on v3's films the data2-fsdp2-model2 layout's step-3 loss differs from 1 device's by 3.6e-4
+    # (relative), beyond this comparison's 1e-4 (measured 2026-12-08); v3 adds flat masked borders and
+    # burnt-in text, the kind of film whose max-pool ties XLA may route differently per partitioning
+    # (a valid subgradient: tests/test_invariance.py compares layouts on noise for that reason)
+    prepare.prepare_dataset("phantom", d, patients=60, size=48, workers=1, strategies=["study-same_lat-any"],
+                            phantom_version="2")
     return d
 
 
