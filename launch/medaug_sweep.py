@@ -138,9 +138,8 @@ def pretrain(args, strategy: str, seed: int, data: Path, out: Path) -> tuple[Pat
     if (workdir / "checkpoints" / str(args.steps)).is_dir() and not args.dry_run:
         print(f"  {workdir} holds step {args.steps}; skipped", flush=True)
         return workdir, 0.0
-    base, *variants = strategy.split("+")
-    config = ("configs/moco_instance.py:demo" if strategy == "instance"
-              else f"configs/moco_medaug.py:{','.join([base, *variants])},demo")
+    config = ("configs/moco_instance.py:demo" if strategy == "instance"   # strategy+variant -> its config variants
+              else f"configs/moco_medaug.py:{strategy.replace('+', ',')},demo")
     cmd = [sys.executable, "-m", "cxrjax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.data.dir={data}", f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.steps}",
            f"--config.seed={seed}", "--config.probe.every=0"]
@@ -332,6 +331,7 @@ def power_report(args, pilot: Path) -> str:
     table = pd.read_parquet(Path(pa.data_dir or pilot / "data") / "table.parquet", columns=["patient_id", "split"])
     test_share = table.loc[table.split == "test", "patient_id"].nunique() / table["patient_id"].nunique()
     seeds_now, patients_now = len(args.seeds.split(",")), args.patients
+    planned = max(1, round(patients_now * test_share))   # this preset's test patients
     lines = [f"Power from the pilot {pilot} ({pa.strategies}; seeds {pa.seeds}; {pa.steps} steps; {pa.patients} "
              f"patients, {test_share:.1%} of them in test): 80 % power, two-sided 5 %; MDE = minimum detectable "
              f"difference of the paired delta vs instance discrimination (AUC).", "",
@@ -350,7 +350,6 @@ def power_report(args, pilot: Path) -> str:
                     continue
                 c = power.delta_variance(scores[m], scores["instance"], labels, clusters, samples=args.bootstrap)
                 comps.append(c)
-                planned = max(1, round(patients_now * test_share))
                 lines.append(f"| {task} | {fraction:.0%} | {LABELS.get(m, m)} | {c.delta:+.3f} | {math.sqrt(c.s2_seed):.3f} | "
                              f"{math.sqrt(c.u_patient):.3f} | {c.mde(c.seeds, c.patients):.3f} | {c.mde(seeds_now, planned):.3f} |")
             best = power.plan(comps, args.power_target, seed_options=range(2, 11),

@@ -80,14 +80,17 @@ def _glyph_rows(r: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
-def _stamp(B: np.ndarray, bitmap: np.ndarray, top: int, left: int, height: float, level: float) -> None:
-    """Blend a glyph bitmap into B as a line `height` pixels high (area-resized: at 64 px a text line is a
-    speckled 1-2 px band, as a real film's burnt-in text is after downscaling)."""
+def _text_box(bitmap: np.ndarray, height: float) -> tuple[int, int]:
+    """(h, w) in pixels of a glyph bitmap drawn as a line `height` pixels high."""
+    return max(1, int(round(height))), max(1, int(round(bitmap.shape[1] * height / bitmap.shape[0])))
+
+
+def _stamp(B: np.ndarray, bitmap: np.ndarray, top: int, left: int, h: int, w: int, level: float) -> None:
+    """Blend a glyph bitmap into B as an (h, w) box (area-resized: at 64 px a text line is a speckled
+    1-2 px band, as a real film's burnt-in text is after downscaling)."""
     import cv2
 
     size = B.shape[0]
-    h = max(1, int(round(height)))
-    w = max(1, int(round(bitmap.shape[1] * height / bitmap.shape[0])))
     m = cv2.resize(bitmap.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
     top, left = max(0, min(size - h, top)), max(0, min(size - w, left))
     region = B[top:top + h, left:left + w]
@@ -117,11 +120,11 @@ def burn_in(B: np.ndarray, r: np.random.Generator) -> None:
     for _ in range(int(r.integers(0, 4))):
         bitmap = _glyph_rows(r, int(r.integers(4, 13)))
         height = max(1.5, float(r.uniform(0.015, 0.03)) * size)
-        h, w = int(round(height)), int(round(bitmap.shape[1] * height / 5))
+        h, w = _text_box(bitmap, height)
         corner = r.integers(4)
         top = int(r.uniform(0.01, 0.08) * size) if corner < 2 else size - h - int(r.uniform(0.01, 0.08) * size)
         left = int(r.uniform(0.01, 0.1) * size) if corner % 2 == 0 else size - w - int(r.uniform(0.01, 0.1) * size)
-        _stamp(B, bitmap, top, left, height, 0.95 if r.random() < 0.7 else 0.05)
+        _stamp(B, bitmap, top, left, h, w, 0.95 if r.random() < 0.7 else 0.05)
 
 
 def collimate(B: np.ndarray, r: np.random.Generator) -> None:
