@@ -102,4 +102,9 @@ def test_power_report_from_a_pilot(tmp_path, capsys):
     delta, mde_pilot, mde_planned = float(cells[3]), float(cells[6]), float(cells[7])
     assert delta > 0.05                       # the planted gain shows
     assert mde_planned < mde_pilot            # 8 seeds x 1000 test patients vs 3 x 40
+    # both MDEs follow 2.80 x sqrt(s2_seed / S + u_patient / N) from the printed SDs (3-decimal rounding):
+    # the pilot at 3 seeds x 40 test patients, the plan at 8 seeds x 2000 x 50 % = 1000 test patients
+    sd_seed, sd_patient, z = float(cells[4]), float(cells[5]), 1.959964 + 0.841621
+    assert mde_pilot == pytest.approx(z * np.sqrt(sd_seed ** 2 / 3 + sd_patient ** 2 / 40), abs=2e-3)
+    assert mde_planned == pytest.approx(z * np.sqrt(sd_seed ** 2 / 8 + sd_patient ** 2 / 1000), abs=2e-3)
     assert "Cheapest size reaching the target" in text and "seeds x" in text
